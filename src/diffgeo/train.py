@@ -341,3 +341,18 @@ def train(config: TrainConfig, progress: bool = True,
     card = {"total_steps": final, "config": asdict(config),
             "seconds_this_run": round(time.time() - t0, 1)}
     return export_model(export.to("cpu"), out / "model", card)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Export the EMA weights of a (possibly still running) training checkpoint as a model."""
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    ckpt = Path(checkpoint)
+    if not (ckpt / "state.json").is_file():
+        raise InputError(f"{ckpt} is not a training checkpoint (no state.json)")
+    state = json.loads((ckpt / "state.json").read_text())
+    unet = UNet2DModel.from_config(UNet2DModel.load_config(ckpt / "unet"))
+    unet.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+    card = {"total_steps": int(state["step"]), "config": state["config"]}
+    return export_model(unet, Path(out), card)

@@ -353,3 +353,14 @@ def load_scenes(path: str | Path) -> list[Scene]:
         )
         for i in range(len(bg))
     ]
+
+
+def bundled_scenes(size: int = 32) -> list[Scene]:
+    """The held-out evaluation scenes that ship with diffgeo (see scripts/build_scenes.py)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("diffgeo") / "assets" / "scenes" / f"heldout-{size}.npz"))
+    if not path.is_file():
+        raise InputError(f"no bundled scenes of size {size}; available: "
+                         + ", ".join(sorted(p.name for p in path.parent.glob("heldout-*.npz"))))
+    return load_scenes(path)

@@ -1,0 +1,183 @@
+"""``diffgeo`` command line: every verb reads the same way (DESIGN.md §2b).
+
+    diffgeo VERB INPUT... --model M --out DIR [--device] [--dtype] [--seed] [--steps] [--fit]
+
+Each verb writes its results into ``--out`` (PNG, ``settings.json`` with everything needed to
+reproduce it, and data as NPZ/CSV) and refuses to overwrite files unless ``--force`` is given.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from diffgeo.errors import DiffgeoError
+
+app = typer.Typer(
+    name="diffgeo",
+    help="The geometry of pretrained diffusion models as tools: generation curves, "
+    "region-based h-space editing and progressive exemplar editing.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = ("Model: 'default' (the small model shipped with diffgeo), a local folder saved with "
+              "save_pretrained, or a Hugging Face Hub id such as google/ddpm-ema-celebahq-256.")
+DEVICE_HELP = "Device to run on: cpu, cuda, cuda:1, mps."
+DTYPE_HELP = ("Weights dtype: float32 (default), float64 (reference derivatives), float16/bfloat16 "
+              "(GPU, forward passes only).")
+FIT_HELP = ("How to bring an image of another size to the model's: crop (scale the short side, "
+            "centre-crop), pad (scale the long side, pad with grey) or resize (distorts the "
+            "aspect). Without it, a size mismatch is an error.")
+FORCE_HELP = "Overwrite files that already exist in --out."
+SEED_HELP = "Seed of every random draw (same seed, same output)."
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User mistakes print one line and exit 2; genuine bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DiffgeoError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+def _load(model: str, device: str, dtype: str, allow_pickle: bool = False):
+    from diffgeo.backbones import load_backbone
+
+    return load_backbone(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+@app.command()
+@friendly_errors
+def info(
+    model: str = typer.Argument("default", help=MODEL_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    allow_pickle: bool = typer.Option(False, help="Allow loading pickle (.bin) weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Load a model and print what diffgeo sees: kind, sizes, bottleneck shape, schedule."""
+    bb = _load(model, device, dtype, allow_pickle)
+    s = bb.summary()
+    if as_json:
+        typer.echo(json.dumps(s.__dict__, indent=2, default=list))
+    else:
+        for line in s.lines():
+            typer.echo(line)
+
+
+@app.command()
+@friendly_errors
+def invert(
+    image: Path = typer.Argument(..., help="Image to invert (PNG, JPEG, WebP)."),
+    model: str = typer.Option("default", help=MODEL_HELP),
+    t: int = typer.Option(700, "--t", help="Timestep to invert to (on the DDIM grid)."),
+    steps: int = typer.Option(50, help="DDIM steps over the full 0..T-1 range (the grid)."),
+    exact: bool = typer.Option(False, help="Refine every inversion step by fixed-point "
+                               "iteration so that generation maps it back exactly."),
+    tol: float = typer.Option(1e-5, help="Exact mode: relative round-trip tolerance per step."),
+    max_iter: int = typer.Option(50, help="Exact mode: iteration cap per step."),
+    prompt: str = typer.Option("", help="Text prompt (conditional models; empty by default)."),
+    fit: str | None = typer.Option(None, help=FIT_HELP),
+    out: Path = typer.Option(Path("out/invert"), help="Output folder."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """DDIM-invert IMAGE to X_t, regenerate it, and save the trajectory, the reconstruction and
+    its PSNR."""
+    from diffgeo.runs import invert_image
+
+    res = invert_image(image, model=model, t=t, num_steps=steps, exact=exact, tol=tol,
+                       max_iter=max_iter, prompt=prompt, fit=fit, out=out, device=device,
+                       dtype=dtype, seed=seed, force=force, progress=True)
+    typer.echo(f"reconstruction PSNR: {res['psnr']:.2f} dB  (state round trip max error "
+               f"{res['state_max_error']:.2e})")
+    typer.echo(f"wrote {out}/")
+
+
+@app.command()
+@friendly_errors
+def train(
+    out: Path = typer.Option(Path("runs/model"), help="Run folder (checkpoint/, model/, log)."),
+    data: str = typer.Option("scenes", help="'scenes' (the built-in ground-truth scene set) or "
+                             "a folder of images (cropped to the resolution)."),
+    preset: str = typer.Option("default-32", help="U-Net shape: default-32, default-64, tiny-16."),
+    resolution: int | None = typer.Option(None, help="Override the preset's resolution."),
+    steps: int = typer.Option(6000, help="Total optimiser steps (a resumed run continues "
+                              "up to this number)."),
+    batch_size: int = typer.Option(32, help="Images per step."),
+    lr: float = typer.Option(5e-4, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    warmup: int = typer.Option(200, help="Linear warm-up steps."),
+    min_snr_gamma: float = typer.Option(5.0, help="min-SNR-γ loss weighting; 0 disables."),
+    ema_decay: float = typer.Option(0.999, help="EMA decay of the exported weights."),
+    num_scenes: int = typer.Option(20000, help="Training scenes drawn when --data scenes."),
+    checkpoint_every: int = typer.Option(250, help="Steps between resumable checkpoints."),
+    resume: str | None = typer.Option(None, help="Checkpoint or model folder to continue from "
+                                      "(e.g. 'default' to continue the shipped model). A run "
+                                      "folder with a checkpoint resumes by itself."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    threads: int | None = typer.Option(None, help="CPU threads (default: torch's choice)."),
+    seed: int = typer.Option(0, help=SEED_HELP),
+) -> None:
+    """Train a pixel DDPM (UNet2DModel, linear betas 1e-4..0.02, T=1000) with EMA weights and
+    resumable checkpoints; exports a folder that --model accepts."""
+    from diffgeo.backbones.load import default_model_path
+    from diffgeo.train import TrainConfig
+    from diffgeo.train import train as run
+
+    if resume == "default":
+        resume = str(default_model_path())
+    cfg = TrainConfig(out=str(out), data=data, preset=preset, resolution=resolution, steps=steps,
+                      batch_size=batch_size, lr=lr, warmup_steps=warmup,
+                      min_snr_gamma=min_snr_gamma or None, ema_decay=ema_decay,
+                      num_scenes=num_scenes, checkpoint_every=checkpoint_every, resume=resume,
+                      device=device, threads=threads, seed=seed)
+    path = run(cfg, progress=True)
+    typer.echo(f"model written to {path}  (use --model {path})")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Path = typer.Option(Path("diffgeo-demo"), help="Output folder for index.html."),
+    model: str = typer.Option("default", help=MODEL_HELP),
+    quick: bool = typer.Option(False, help="A reduced run (fewer scenes and steps), for CI."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """Run every diffgeo feature on the default model and bundled scenes; writes
+    DIR/index.html, a page of images and plots."""
+    from diffgeo.demo import run_demo
+
+    page = run_demo(out=out, model=model, quick=quick, device=device, seed=seed, force=force)
+    typer.echo(f"open {page}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
