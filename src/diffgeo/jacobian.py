@@ -70,7 +70,8 @@ def vjp(backbone: Backbone, x: torch.Tensor, u: torch.Tensor, t: int | torch.Ten
 
 
 def _repeat(x: torch.Tensor, k: int) -> torch.Tensor:
-    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
+    # A real copy: an expanded view has stride 0 for a batch of one, which forward AD refuses.
+    return x.repeat(k, *([1] * (x.ndim - 1)))
 
 
 def _expand_cond(cond: Conditioning | None, batch: int, k: int) -> Conditioning | None:
