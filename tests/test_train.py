@@ -43,8 +43,8 @@ def _tiny(out: Path, **kw) -> TrainConfig:
 
 
 def _train(cfg: TrainConfig, init_seed: int | None = 0, on_step=None) -> Path:
-    """train() with the global torch RNG fixed (it draws the U-Net initialisation, see the xfail
-    test below), restored afterwards so other tests are unaffected."""
+    """train() with the global torch RNG fixed and restored afterwards: the tests below check that
+    the initialisation depends on cfg.seed only, whatever the global RNG holds."""
     with torch.random.fork_rng():
         if init_seed is not None:
             torch.manual_seed(init_seed)
@@ -264,12 +264,10 @@ def test_zero_steps_or_batch(tmp_path, field):
 
 def test_image_size_mismatch_is_input_error(run, tmp_path):
     # Resuming the 16px model while asking for 8px data.
-    with pytest.raises(InputError, match="training images are 8px, the model expects 16px"):
+    with pytest.raises(InputError, match="resolution 8 conflicts with the resumed model"):
         _train(_tiny(tmp_path / "r", resume=str(run.model), resolution=8, steps=21))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with resume= the preset is still used to pick the "
-                   "data resolution; an unknown preset raises KeyError (traceback in the CLI)")
 def test_resume_with_unknown_preset_is_not_a_key_error(run, tmp_path):
     try:
         _train(_tiny(tmp_path / "r", preset="nope", resume=str(run.model), steps=21))
@@ -277,9 +275,6 @@ def test_resume_with_unknown_preset_is_not_a_key_error(run, tmp_path):
         pass  # a clear message is fine; training at the model's resolution is fine too
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _save_checkpoint renames checkpoint -> "
-                   "checkpoint.old without clearing a leftover checkpoint.old (a run killed "
-                   "during rmtree), so the resumed run dies at its first checkpoint")
 def test_resume_survives_a_leftover_old_checkpoint(run, tmp_path):
     out = tmp_path / "r"
     shutil.copytree(run.first, out)
@@ -301,9 +296,6 @@ def test_same_seed_same_weights_different_seed_different(tmp_path):
     assert not _weights_equal(wa, wc)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: train() builds the U-Net with the global torch RNG "
-                   "(build_unet is never seeded from config.seed), so the same seed gives "
-                   "different weights depending on what ran before in the process")
 def test_same_seed_same_weights_whatever_the_global_rng(tmp_path):
     a = _train(_tiny(tmp_path / "a", steps=2, seed=3), init_seed=1)
     b = _train(_tiny(tmp_path / "b", steps=2, seed=3), init_seed=2)

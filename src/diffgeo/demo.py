@@ -152,6 +152,7 @@ def run_demo(out: str | Path = "diffgeo-demo", model: str | Backbone = "default"
     start = time.time()
     bb = as_backbone(model, device)
     results = ResultDir(out, force=force)
+    page_path = results.path_for("index.html")  # refuse before computing, not after
     ctx = DemoContext(backbone=bb, results=results, scenes=_scenes_for(bb, seed), quick=quick,
                       seed=seed, steps=10 if quick else 50)
     sections = []
@@ -166,7 +167,7 @@ def run_demo(out: str | Path = "diffgeo-demo", model: str | Backbone = "default"
             f"{'quick run' if quick else 'full run'} · seed {seed} · "
             f"{time.time() - start:.0f} s · diffgeo {env['diffgeo']}, torch {env['torch']}, "
             f"diffusers {env['diffusers']}</p>{body}</body></html>")
-    path = results.path_for("index.html")
+    path = page_path
     results.save_json("settings.json", {"verb": "demo", "model": bb.name or str(model),
                                         "quick": quick, "seed": seed, "device": device,
                                         "steps": ctx.steps, "environment": env})

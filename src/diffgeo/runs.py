@@ -41,6 +41,10 @@ def evenly_spaced(items: list, n: int) -> list:
     return [items[i] for i in idx]
 
 
+INVERT_FILES = ("input.png", "reconstruction.png", "trajectory.png", "trajectory.npz",
+                "settings.json")
+
+
 def invert_image(image: str | Path, *, model: str | Backbone = "default", t: int = 700,
                  num_steps: int = 50, exact: bool = False, tol: float = 1e-5,
                  max_iter: int = 50, prompt: str = "", fit: str | None = None,
@@ -57,6 +61,9 @@ def invert_image(image: str | Path, *, model: str | Backbone = "default", t: int
 
     bb = as_backbone(model, device, dtype)
     results = ResultDir(out, force=force, protect=[Path(image)]) if out is not None else None
+    if results is not None:  # refuse before computing, not after
+        for name in INVERT_FILES:
+            results.path_for(name)
     x, fit_info = load_image(image, size=bb.image_size, fit=fit)
     x = x.to(device=bb.device, dtype=bb.dtype)
     cond = bb.condition(prompt) if (prompt or bb.conditional) else None

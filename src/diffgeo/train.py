@@ -119,9 +119,14 @@ def build_unet(preset: str, resolution: int | None = None):
     return UNet2DModel(**cfg)
 
 
-def load_training_images(config: TrainConfig) -> torch.Tensor:
-    """The training set as uint8 (N, 3, H, W): kept small in memory, converted per batch."""
-    res = config.resolution or MODEL_PRESETS[config.preset]["sample_size"]
+def load_training_images(config: TrainConfig, res: int | None = None) -> torch.Tensor:
+    """The training set at ``res`` px (default: the config's) as uint8 (N, 3, H, W): small in
+    memory, converted per batch."""
+    if res is None:
+        if config.preset not in MODEL_PRESETS:
+            raise InputError(f"preset must be one of {sorted(MODEL_PRESETS)}, "
+                             f"got {config.preset!r}")
+        res = config.resolution or MODEL_PRESETS[config.preset]["sample_size"]
     if config.data == "scenes":
         from diffgeo.data.scenes import SceneConfig, generate_scenes
 
@@ -206,26 +211,38 @@ def export_model(unet, out_dir: Path, card: dict | None = None) -> Path:
 
 def _save_checkpoint(ckpt: Path, unet, ema: _EMA, opt, step: int, config: TrainConfig,
                      gen: torch.Generator) -> None:
+    import shutil
+
     from safetensors.torch import save_file
 
     tmp = ckpt.with_name(ckpt.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    old = ckpt.with_name(ckpt.name + ".old")
+    for leftover in (tmp, old):  # from a run killed while saving
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir(parents=True)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "rng": gen.get_state(), "ema_updates": ema.updates},
                tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config)},
                                                indent=2, default=str))
-    # Swap in the complete folder only once it is whole, so a kill never leaves a half checkpoint.
+    # state.json is written last: its presence marks a complete folder. Swap the complete folder
+    # in; a kill between the renames leaves checkpoint.tmp (complete) for _find_checkpoint.
     if ckpt.exists():
-        old = ckpt.with_name(ckpt.name + ".old")
         ckpt.rename(old)
         tmp.rename(ckpt)
-        import shutil
-
         shutil.rmtree(old)
     else:
         tmp.rename(ckpt)
+
+
+def _find_checkpoint(ckpt: Path) -> Path | None:
+    """The newest complete checkpoint of a run, also after a kill in the middle of saving."""
+    for cand in (ckpt, ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")):
+        if (cand / "state.json").is_file():
+            return cand
+    return None
 
 
 def train(config: TrainConfig, progress: bool = True,
@@ -237,6 +254,8 @@ def train(config: TrainConfig, progress: bool = True,
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.preset not in MODEL_PRESETS:
+        raise InputError(f"preset must be one of {sorted(MODEL_PRESETS)}, got {config.preset!r}")
     if config.batch_size < 1 or config.steps < 1:
         raise InputError("batch_size and steps must be >= 1")
     out = Path(config.out)
@@ -246,7 +265,7 @@ def train(config: TrainConfig, progress: bool = True,
 
     start_step = 0
     opt_state = None
-    resume = Path(config.resume) if config.resume else (ckpt if ckpt.exists() else None)
+    resume = Path(config.resume) if config.resume else _find_checkpoint(ckpt)
     if resume is not None:
         if (resume / "state.json").is_file():  # a checkpoint
             unet = UNet2DModel.from_pretrained(resume / "unet")
@@ -269,7 +288,10 @@ def train(config: TrainConfig, progress: bool = True,
         else:
             raise InputError(f"resume: {resume} is neither a checkpoint nor a model folder")
     else:
-        unet = build_unet(config.preset, config.resolution)
+        # The initialisation follows config.seed and leaves the global RNG as it was.
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            unet = build_unet(config.preset, config.resolution)
         ema = _EMA(unet, config.ema_decay, config.ema_warmup)
 
     unet.to(device).train()
@@ -278,8 +300,11 @@ def train(config: TrainConfig, progress: bool = True,
     if opt_state is not None:
         opt.load_state_dict(opt_state)
 
-    data = load_training_images(config)
     res = unet.config.sample_size
+    if config.resolution is not None and config.resolution != res:
+        raise InputError(f"resolution {config.resolution} conflicts with the resumed model, "
+                         f"which is {res}px: leave resolution unset to train at {res}px")
+    data = load_training_images(config, res)
     if data.shape[-1] != res:
         raise InputError(f"training images are {data.shape[-1]}px, the model expects {res}px")
     sched = ddpm_scheduler()
@@ -319,7 +344,7 @@ def train(config: TrainConfig, progress: bool = True,
             torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
         opt.step()
         ema.update(unet)
-        lv = float(loss)
+        lv = loss.item()
         running = lv if running is None else 0.98 * running + 0.02 * lv
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
@@ -335,8 +360,7 @@ def train(config: TrainConfig, progress: bool = True,
     log.close()
 
     final = config.steps if config.steps > start_step else start_step
-    export = build_unet(config.preset, res) if resume is None else UNet2DModel.from_config(
-        unet.config)
+    export = UNet2DModel.from_config(unet.config)
     ema.copy_to(export)
     card = {"total_steps": final, "config": asdict(config),
             "seconds_this_run": round(time.time() - t0, 1)}

@@ -1,0 +1,129 @@
+"""Cost of JVPs and VJPs of ε and h relative to a plain forward pass, per backbone kind.
+
+    python benchmarks/jacobian_cost.py [--threads 1] [--reps 7] [--device cpu] [--sd small|sd15]
+
+Models: the embedded default pixel model (32x32), and a randomly initialised Stable-Diffusion-shaped
+U-Net (compute does not depend on weight values): ``small`` keeps SD 1.5's block structure with
+narrow channels at a 32x32 latent (CPU-friendly); ``sd15`` is the real SD 1.5 U-Net configuration at
+a 64x64 latent (512 px; use a GPU). All timings of one model are interleaved round-robin over
+``reps`` repetitions and reported as medians, so the ratios come from one run under the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from diffgeo import jacobian as J
+from diffgeo.backbones import Conditioning, LatentBackbone, load_backbone
+
+
+def sd_backbone(kind: str, device: str) -> LatentBackbone:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from diffgeo.train import ddpm_scheduler
+
+    torch.manual_seed(0)
+    if kind == "sd15":
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        ctx_dim, res = 768, 512
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=32, block_out_channels=(32, 64, 128, 128), cross_attention_dim=64,
+            attention_head_dim=8, norm_num_groups=16, layers_per_block=2)
+        ctx_dim, res = 64, 256
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+    bb = LatentBackbone(unet, vae, ddpm_scheduler().alphas_cumprod, device=device,
+                        name=f"random SD-shaped U-Net ({kind})", resolution=res)
+    # No text encoder: the empty-prompt conditioning is a fixed random context of CLIP's shape.
+    bb._empty = Conditioning(encoder_hidden_states=torch.randn(1, 77, ctx_dim, device=device))
+    return bb
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(bb, device: str, reps: int, k: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *bb.state_shape, generator=g).to(device)
+    v = torch.randn(x.shape, generator=g).to(device)
+    with torch.no_grad():
+        e = bb.eps(x, 500)
+        h = bb.h(x, 500)
+    ue, uh = torch.randn_like(e), torch.randn_like(h)
+    V = torch.randn(k, *x.shape, generator=g).to(device)
+
+    def fwd():
+        with torch.no_grad():
+            bb.eps(x, 500)
+
+    def fwd_deriv_mode():
+        with torch.no_grad(), bb.derivative_mode():
+            bb.eps(x, 500)
+
+    def enc_only():
+        with torch.no_grad():
+            bb.h(x, 500)
+
+    ops = {
+        "forward eps (fast kernels)": fwd,
+        "forward eps (derivative mode)": fwd_deriv_mode,
+        "forward h (encoder only)": enc_only,
+        "jvp eps": lambda: J.jvp(bb, x, v, 500),
+        "vjp eps": lambda: J.vjp(bb, x, ue, 500),
+        "jvp h": lambda: J.jvp(bb, x, v, 500, output="h"),
+        "vjp h": lambda: J.vjp(bb, x, uh, 500, output="h"),
+        f"batched jvp eps, per direction (K={k})": lambda: J.batched_jvp(bb, x, V, 500, chunk=k),
+    }
+    for fn in ops.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for _ in range(reps):
+        for name, fn in ops.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med[f"batched jvp eps, per direction (K={k})"] /= k
+    base = med["forward eps (fast kernels)"]
+    return {name: {"seconds": s, "x_forward": s / base} for name, s in med.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sd", default="small", choices=("small", "sd15"))
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = {"device": args.device, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    for label, bb in (("pixel (default model, 32x32)", load_backbone("default",
+                                                                      device=args.device)),
+                      (f"latent (SD-shaped, {args.sd})", sd_backbone(args.sd, args.device))):
+        res = measure(bb, args.device, args.reps, args.k)
+        report[label] = res
+        print(f"\n{label}: state {bb.state_shape}, h {bb.h_shape()}")
+        for name, r in res.items():
+            print(f"  {name:42s} {r['seconds'] * 1e3:9.2f} ms  {r['x_forward']:6.2f}x forward")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
