@@ -130,8 +130,6 @@ def test_trailing_grid_matches_diffusers_when_steps_divide_T():
         assert ddim.ddim_grid(T, n, "trailing") == sorted(sched.timesteps.tolist()), n
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ddim_grid('trailing') rounds T - i*T/n itself; "
-                   "diffusers rounds np.arange(T, 0, -T/n), and the two break .5 ties apart")
 def test_trailing_grid_matches_diffusers_for_48_steps():
     sched = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
     sched.set_timesteps(48)

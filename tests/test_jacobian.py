@@ -7,7 +7,7 @@ Tolerances
   carries its own float32 rounding through ~30 layers; the issue's 2e-3 leaves room for that
   (measured 3e-4 to 4e-4).
 * float64, step s = 1e-5: truncation ~1e-10, rounding ~1e-16/1e-5 = 1e-11; the issue's 1e-7
-  (measured 4e-10 on the SD U-Net; 2e-8 on the pixel U-Net, see the xfail below).
+  (measured 4e-10 on the SD U-Net; the pixel U-Net matches once attention keeps float64).
 * ⟨u, Jv⟩ = ⟨Jᵀu, v⟩: the same bilinear form evaluated by forward and by reverse mode, i.e.
   the same float32 products summed in different orders over ~1500 terms: ~sqrt(1500)·u ~ 2e-6
   relative at worst; 1e-5 as the issue asks (measured 3e-8 to 7e-8).
@@ -135,8 +135,6 @@ def test_batched_jvp_equals_per_direction_loop(name, output, request):
         assert rel(out[k], loop[k]) <= 1e-5, k
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: batched_vjp's shape check compares U.shape[1:] "
-                   "(B, *out) with out.shape[1:] (*out) and so rejects every valid U")
 @pytest.mark.parametrize("name", ["pixel_bb", "sd_bb"])
 def test_batched_vjp_equals_per_direction_loop(name, request):
     bb, cond, x, _ = _setup(request, name, seed=8)
@@ -149,9 +147,6 @@ def test_batched_vjp_equals_per_direction_loop(name, request):
         assert rel(out[k], loop[k]) <= 1e-5, k
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: derivative_mode's AttnProcessor honours "
-                   "upcast_softmax=True with .float(), so a float64 UNet2DModel's softmax runs "
-                   "in float32 and its derivatives are only ~2e-8 accurate")
 def test_float64_pixel_jvp_is_float64_accurate(pixel_bb64):
     # Richardson-extrapolated central differences in float64: error ~s⁴·|f⁽⁵⁾| + u/s ~ 1e-11
     # (measured 7e-12 on the SD U-Net, whose attention does not upcast).
@@ -166,7 +161,7 @@ def test_float64_pixel_jvp_is_float64_accurate(pixel_bb64):
 
 
 def test_float64_sd_jvp_is_float64_accurate(sd_bb64):
-    """The control for the xfail above: same check, a U-Net without upcast_softmax."""
+    """The same check on a U-Net without upcast_softmax."""
     bb = sd_bb64
     x = torch.randn(2, *bb.state_shape, generator=gen(10), dtype=torch.float64)
     v = torch.randn(x.shape, generator=gen(11), dtype=torch.float64)
@@ -231,9 +226,6 @@ def test_jacobian_refuses_bad_shapes_and_outputs(pixel_bb):
         J.batched_jvp(pixel_bb, x, torch.zeros_like(x), T_EVAL)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: jvp's shape check accepts v with a leading batch "
-                   "of directions (shared with batched_jvp), then torch.func.jvp fails with a "
-                   "raw RuntimeError instead of an InputError")
 def test_jvp_with_a_leading_batch_of_directions_is_an_input_error(pixel_bb):
     x = torch.zeros(2, *pixel_bb.state_shape)
     with pytest.raises(InputError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -39,8 +40,8 @@ def ddim_grid(num_train_timesteps: int, num_steps: int, spacing: str = "leading"
         ratio = T // num_steps
         grid = [i * ratio + offset for i in range(num_steps)]
     elif spacing == "trailing":
-        ratio = T / num_steps
-        grid = sorted(int(round(T - i * ratio)) - 1 for i in range(num_steps))
+        # diffusers' own expression: rounding halves the same way keeps the grids identical.
+        grid = sorted(int(v) - 1 for v in np.round(np.arange(T, 0, -T / num_steps)[:num_steps]))
     else:
         raise InputError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if grid[0] < 0 or grid[-1] >= T:

@@ -47,8 +47,11 @@ def _check(backbone: Backbone, x: torch.Tensor, direction: torch.Tensor | None,
 def jvp(backbone: Backbone, x: torch.Tensor, v: torch.Tensor, t: int | torch.Tensor,
         cond: Conditioning | None = None, output: str = "eps"
         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f(x), Df(x)[v]) for f = ε or h."""
-    _check(backbone, x, v, "v")
+    """(f(x), Df(x)[v]) for f = ε or h; v has the shape of x (use batched_jvp for several)."""
+    _check(backbone, x, None, "v")
+    if v.shape != x.shape:
+        raise InputError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)} "
+                         "(for several directions use batched_jvp)")
     f = output_fn(backbone, t, cond, output)
     with backbone.derivative_mode():
         return _jvp(f, (x,), (v.to(x).contiguous(),))
@@ -125,7 +128,7 @@ def batched_vjp(backbone: Backbone, x: torch.Tensor, U: torch.Tensor, t: int | t
         f = output_fn(backbone, _repeat(tt, k), _expand_cond(cond, B, k), output)
         with backbone.derivative_mode():
             out, pullback = _vjp(f, _repeat(x, k))
-            if Uc.shape[1:] != out.shape[1:] or Uc.shape[1] != B:
+            if Uc.shape[2:] != out.shape[1:] or Uc.shape[1] != B:
                 raise InputError(f"U must have shape (K, {B}, {', '.join(map(str, out.shape[1:]))})"
                                  f", got {tuple(U.shape)}")
             (g,) = pullback(Uc.reshape(out.shape).to(out).contiguous())

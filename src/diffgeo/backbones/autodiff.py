@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
@@ -16,22 +17,20 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 
 @contextlib.contextmanager
 def unet_derivative_mode(*modules: torch.nn.Module) -> Iterator[None]:
-    """Classic (bmm) attention processors and contiguous GroupNorm inputs, restored on exit."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor
+    """Math attention kernel and contiguous GroupNorm inputs, restored on exit.
 
-    saved: list[tuple[Attention, object]] = []
+    The fused CPU attention kernels have no forward AD (and no double backward); the math backend
+    of scaled_dot_product_attention has both and keeps the model's own processors and dtype
+    (the classic bmm processor would upcast the softmax to float32, downcasting float64 models).
+    """
     hooks = []
     try:
         for root in modules:
             for mod in root.modules():
-                if isinstance(mod, Attention):
-                    saved.append((mod, mod.processor))
-                    mod.set_processor(AttnProcessor())
-                elif isinstance(mod, torch.nn.GroupNorm):
+                if isinstance(mod, torch.nn.GroupNorm):
                     hooks.append(mod.register_forward_pre_hook(_contiguous_input))
-        yield
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
     finally:
         for h in hooks:
             h.remove()
-        for mod, proc in saved:
-            mod.set_processor(proc)

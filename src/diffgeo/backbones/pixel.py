@@ -54,8 +54,12 @@ class PixelBackbone(Backbone):
             if u.config.class_embed_type == "timestep":
                 labels = u.time_proj(labels)
             emb = emb + u.class_embedding(labels).to(dtype=x.dtype)
-        skip_sample = x
-        sample = u.conv_in(x)
+        if u.config.center_input_sample:
+            x_in = 2 * x - 1.0
+        else:
+            x_in = x
+        skip_sample = x_in
+        sample = u.conv_in(x_in)
         skips: tuple[torch.Tensor, ...] = (sample,)
         for block in u.down_blocks:
             if hasattr(block, "skip_conv"):
