@@ -118,6 +118,89 @@ def invert(
 
 @app.command()
 @friendly_errors
+def curves(
+    image: Path = typer.Argument(..., help="Image whose generation curves to trace."),
+    pixel: list[str] = typer.Option([], "--pixel", help="A pixel R,C in input-image pixels "
+                                    "(row, column); repeatable."),
+    mask: Path | None = typer.Option(None, help="A region (mask image, white = region): one "
+                                     "curve, the average of its pixels' rates (Eq. 7)."),
+    box: str | None = typer.Option(None, help="A rectangular region r0,c0,r1,c1 (end "
+                                   "exclusive), in input-image pixels."),
+    row: list[int] = typer.Option([], "--row", help="A whole image row (average); repeatable."),
+    col: list[int] = typer.Option([], "--col", help="A whole image column; repeatable."),
+    definition: str = typer.Option("h", help="exact (‖Df⁻¹[Proj v]‖, Eq. 6/8), eps "
+                                   "(‖Dε[Proj v]‖), h-proj (‖Dh[Proj v]‖), h (‖Dh[v]‖, the "
+                                   "differentiable one), or all (the four, Fig. 5)."),
+    model: str = typer.Option("default", help=MODEL_HELP),
+    t: int | None = typer.Option(None, "--t", help="Top of the path (default: the top of "
+                                 "the DDIM grid)."),
+    steps: int = typer.Option(50, help="DDIM steps over the full 0..T-1 range (the grid)."),
+    k: int = typer.Option(3, help="Tangent-space dimension for the projected definitions."),
+    channel: int | None = typer.Option(None, help="One state channel instead of all."),
+    window: int = typer.Option(5, help="Fluctuation: sliding-window length."),
+    t_min: int = typer.Option(200, help="Fluctuation: only timesteps above this."),
+    prompt: str = typer.Option("", help="Text prompt (conditional models)."),
+    fit: str | None = typer.Option(None, help=FIT_HELP),
+    out: Path = typer.Option(Path("out/curves"), help="Output folder."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """Generation curves of pixels, regions, rows or columns along IMAGE's DDIM inversion path,
+    with their fluctuation (the saliency statistic); writes curves.png/.csv/.npz."""
+    from diffgeo.io import parse_box, parse_point
+    from diffgeo.runs import curves_for_image
+
+    res = curves_for_image(
+        image, model=model, pixels=[parse_point(p, "--pixel") for p in pixel], mask=mask,
+        box=parse_box(box) if box else None, rows=row, cols=col, definition=definition, t=t,
+        num_steps=steps, k=k, channel=channel, window=window, t_min=t_min, prompt=prompt,
+        fit=fit, out=out, device=device, dtype=dtype, seed=seed, force=force, progress=True)
+    for d, per in res["fluctuation"].items():
+        for label, f in per.items():
+            typer.echo(f"{d:7s} {label:24s} fluctuation {f:.4g}")
+    typer.echo(f"wrote {out}/")
+
+
+@app.command("saliency-map")
+@friendly_errors
+def saliency_map_cmd(
+    image: Path = typer.Argument(..., help="Image to map."),
+    definition: str = typer.Option("h", help="Rate definition: h (default), h-proj, eps, exact."),
+    estimator: str | None = typer.Option(None, help="probe (Gaussian-probe column norms, for h), "
+                                         "lowrank (h), gram (projected definitions) or loop "
+                                         "(one JVP per pixel, the slow reference)."),
+    probes: int = typer.Option(64, help="Probe estimator: number of probes K (per-pixel "
+                               "relative std of the rate ≈ sqrt(1/(2K)))."),
+    model: str = typer.Option("default", help=MODEL_HELP),
+    t: int | None = typer.Option(None, "--t", help="Top of the path (default: top of grid)."),
+    steps: int = typer.Option(50, help="DDIM steps over the full 0..T-1 range (the grid)."),
+    k: int = typer.Option(3, help="Tangent-space dimension (projected definitions, lowrank)."),
+    window: int = typer.Option(5, help="Fluctuation: sliding-window length."),
+    t_min: int = typer.Option(200, help="Fluctuation: only timesteps above this."),
+    prompt: str = typer.Option("", help="Text prompt (conditional models)."),
+    fit: str | None = typer.Option(None, help=FIT_HELP),
+    out: Path = typer.Option(Path("out/saliency"), help="Output folder."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """Whole-image generation-rate maps along IMAGE's inversion path and the saliency map (the
+    fluctuation of every pixel's curve), with an overlay; writes saliency.png, rate_maps.npz."""
+    from diffgeo.runs import saliency_for_image
+
+    res = saliency_for_image(
+        image, model=model, definition=definition, estimator=estimator, probes=probes, t=t,
+        num_steps=steps, k=k, window=window, t_min=t_min, prompt=prompt, fit=fit, out=out,
+        device=device, dtype=dtype, seed=seed, force=force, progress=True)
+    typer.echo(f"estimator {res['estimator']} (per-pixel relative std "
+               f"{res['relative_std_per_cell']:.3f}); wrote {out}/")
+
+
+@app.command()
+@friendly_errors
 def train(
     out: Path = typer.Option(Path("runs/model"), help="Run folder (checkpoint/, model/, log)."),
     data: str = typer.Option("scenes", help="'scenes' (the built-in ground-truth scene set) or "

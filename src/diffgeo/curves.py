@@ -22,16 +22,18 @@ import torch
 from tqdm.auto import tqdm
 
 from diffgeo.backbones.base import Backbone, Conditioning
-from diffgeo.ddim import Trajectory
+from diffgeo.ddim import Trajectory, alpha_bar, step_coefficients
 from diffgeo.errors import InputError
 from diffgeo.jacobian import batched_jvp
+from diffgeo.tangent import TangentBasis, tangent_basis
 
-DEFINITIONS = ("h",)
+DEFINITIONS = ("exact", "eps", "h-proj", "h")
+PROJECTED = ("exact", "eps", "h-proj")
 
 
 @dataclass
 class GenerationCurves:
-    """Rates of K directions over the timesteps of one path: ``values`` has shape (K, N)."""
+    """Rates of K components over the timesteps of one path: ``values`` has shape (K, N)."""
 
     timesteps: list[int]
     values: torch.Tensor
@@ -41,6 +43,171 @@ class GenerationCurves:
 
     def fluctuation(self, window: int = 5, t_min: int = 200) -> torch.Tensor:
         return fluctuation(self.values, self.timesteps, window, t_min)
+
+
+@dataclass(frozen=True)
+class Component:
+    """An image component: the uniform average (Eq. 7) over the rates of its pixels."""
+
+    label: str
+    pixels: tuple[tuple[int, int], ...]
+    channel: int | None = None
+
+
+def pixel_component(backbone: Backbone, pixel: Sequence[int],
+                    channel: int | None = None) -> Component:
+    state_cell(backbone, pixel)
+    r, c = int(pixel[0]), int(pixel[1])
+    return Component(f"pixel ({r},{c})" + ("" if channel is None else f" ch{channel}"),
+                     ((r, c),), channel)
+
+
+def mask_component(backbone: Backbone, mask: torch.Tensor | np.ndarray, label: str = "region",
+                   channel: int | None = None) -> Component:
+    """All state cells covered by a (1,1,H,W) / (H,W) image mask (> 0.5), as image pixels."""
+    m = torch.as_tensor(np.asarray(mask)).squeeze()
+    if tuple(m.shape) != tuple(backbone.image_size):
+        raise InputError(f"mask must be {backbone.image_size[0]}x{backbone.image_size[1]}, "
+                         f"got {tuple(m.shape)}")
+    cells = {state_cell(backbone, (int(r), int(c))) for r, c in torch.nonzero(m > 0.5).tolist()}
+    if not cells:
+        raise InputError("mask is empty: no pixel above 0.5")
+    H, W = backbone.image_size
+    h, w = backbone.state_shape[-2:]
+    # Represent each covered cell by its first image pixel, so every cell counts once.
+    pixels = tuple(sorted(((r * H + h - 1) // h, (c * W + w - 1) // w) for r, c in cells))
+    return Component(label, pixels, channel)
+
+
+def row_component(backbone: Backbone, row: int, channel: int | None = None) -> Component:
+    return Component(f"row {row}", tuple((row, c) for c in range(backbone.image_size[1])), channel)
+
+
+def column_component(backbone: Backbone, col: int, channel: int | None = None) -> Component:
+    return Component(f"column {col}", tuple((r, col) for r in range(backbone.image_size[0])),
+                     channel)
+
+
+def component_directions(backbone: Backbone, component: Component) -> torch.Tensor:
+    """Unit state directions of the component's pixels: (P, *state_shape)."""
+    return torch.stack([pixel_direction(backbone, p, component.channel)
+                        for p in component.pixels])
+
+
+def previous_level(backbone: Backbone, trajectory: Trajectory, t: int) -> int | None:
+    """The level the generation step from t lands on (None = clean) on the trajectory's grid."""
+    grid = sorted(trajectory.grid())
+    i = grid.index(t)
+    return grid[i - 1] if i > 0 else None
+
+
+def projected_operator(backbone: Backbone, x: torch.Tensor, t: int, t_prev: int | None,
+                       basis: TangentBasis, definition: str,
+                       cond: Conditioning | None = None, chunk: int = 16) -> torch.Tensor:
+    """M (n_out, k) with rate(v) = ‖M · Vᵀ v‖ for a projected definition (k JVPs in all).
+
+    exact:  M = A(t)·V + B(t)·Dε[V]  (Eq. 8, A and B of the generation step t -> t_prev)
+    eps:    M = Dε[V]
+    h-proj: M = Dh[V]
+    """
+    V = basis.vectors.to(x)[:, None]  # (k, 1, *state)
+    output = "h" if definition == "h-proj" else "eps"
+    JV = batched_jvp(backbone, x, V, t, cond, output=output, chunk=chunk).flatten(1)  # (k, n)
+    if definition == "exact":
+        a, b = step_coefficients(alpha_bar(backbone, t), alpha_bar(backbone, t_prev))
+        JV = a * V.flatten(1) + b * JV
+    return JV.T
+
+
+def rates_at(backbone: Backbone, x: torch.Tensor, t: int, directions: torch.Tensor,
+             definition: str = "h", basis: TangentBasis | None = None,
+             t_prev: int | None = None, cond: Conditioning | None = None,
+             chunk: int = 16, per_direction: bool = False) -> torch.Tensor:
+    """Generation rates r_t(X_t, v) of P unit directions (P, *state) at one state: (P,).
+
+    Projected definitions use the k×k operator form (k JVPs for any number of directions);
+    ``per_direction=True`` instead projects every direction and takes one JVP each, the
+    straightforward way the papers imply, kept as the reference.
+    """
+    _check_definition(definition)
+    if definition == "h":
+        jv = batched_jvp(backbone, x, directions.to(x)[:, None], t, cond, output="h",
+                         chunk=chunk)
+        return jv.flatten(1).norm(dim=1)
+    if basis is None:
+        raise InputError(f"definition {definition!r} projects on the tangent space: pass basis")
+    if per_direction:
+        P = basis.project(directions.to(x))
+        output = "h" if definition == "h-proj" else "eps"
+        JP = batched_jvp(backbone, x, P[:, None], t, cond, output=output, chunk=chunk).flatten(1)
+        if definition == "exact":
+            a, b = step_coefficients(alpha_bar(backbone, t), alpha_bar(backbone, t_prev))
+            JP = a * P.flatten(1) + b * JP
+        return JP.norm(dim=1)
+    M = projected_operator(backbone, x, t, t_prev, basis, definition, cond, chunk)
+    coords = basis.coordinates(directions.to(x))  # (P, k)
+    return (coords @ M.T).norm(dim=1)
+
+
+def _check_definition(definition: str) -> None:
+    if definition not in DEFINITIONS:
+        raise InputError(f"definition must be one of {DEFINITIONS}, got {definition!r}")
+
+
+def generation_curves(backbone: Backbone, trajectory: Trajectory,
+                      components: Sequence[Component] | torch.Tensor, definition: str = "h",
+                      cond: Conditioning | None = None, k: int = 3, chunk: int = 16,
+                      t_min: int | None = None, basis_options: dict[str, Any] | None = None,
+                      labels: Sequence[str] | None = None,
+                      bases: dict[int, TangentBasis] | None = None,
+                      progress: bool = False) -> GenerationCurves:
+    """Curves c(𝒳, v) of components (or raw unit directions (K, *state)) along a batch-1 path.
+
+    Projected definitions need one tangent basis per timestep: pass ``bases`` (from
+    ``tangent_bases_along``, to share them between definitions) or they are computed here,
+    warm-started along the path and oversampled by 4 unless ``basis_options`` says otherwise.
+    A component's rate is the mean of its pixels' (Eq. 7).
+    """
+    _check_definition(definition)
+    if trajectory.first.shape[0] != 1:
+        raise InputError("generation_curves takes a trajectory of one image (batch 1)")
+    if isinstance(components, torch.Tensor):
+        dirs = components[None] if components.ndim == len(backbone.state_shape) else components
+        if tuple(dirs.shape[1:]) != tuple(backbone.state_shape):
+            raise InputError(f"directions must have shape (K, {backbone.state_shape}), "
+                             f"got {tuple(dirs.shape)}")
+        groups = [[i] for i in range(len(dirs))]
+        names = list(labels) if labels else [f"direction {i}" for i in range(len(dirs))]
+    else:
+        if not components:
+            raise InputError("components is empty: give at least one pixel, region, row or column")
+        all_dirs, groups, start = [], [], 0
+        for comp in components:
+            d = component_directions(backbone, comp)
+            all_dirs.append(d)
+            groups.append(list(range(start, start + len(d))))
+            start += len(d)
+        dirs = torch.cat(all_dirs)
+        names = [c.label for c in components]
+    dirs = dirs.to(backbone.device, backbone.dtype)
+    steps = sorted(t for t in trajectory.grid() if t_min is None or t >= t_min)
+    values = []
+    basis = None
+    opts = {"oversample": 4, **(basis_options or {})}
+    for t in tqdm(steps, desc=f"curves ({definition})", disable=not progress, leave=False):
+        x = trajectory.at(t)
+        if definition in PROJECTED:
+            if bases is not None and t in bases:
+                basis = bases[t]
+            else:
+                basis = tangent_basis(backbone, x, t, cond, k=k, init=basis, chunk=chunk,
+                                      **opts)
+        r = rates_at(backbone, x, t, dirs, definition, basis,
+                     previous_level(backbone, trajectory, t), cond, chunk)
+        values.append(torch.stack([r[g].mean() for g in groups]))
+    vals = torch.stack(values, dim=1).detach().float().cpu()
+    return GenerationCurves(steps, vals, definition, names,
+                            {"k": k, "chunk": chunk, "t_min": t_min, "basis_options": opts})
 
 
 def state_cell(backbone: Backbone, pixel: Sequence[int]) -> tuple[int, int]:
@@ -66,33 +233,6 @@ def pixel_direction(backbone: Backbone, pixel: Sequence[int],
             raise InputError(f"channel must lie in 0..{C - 1}, got {channel}")
         v[channel, r, c] = 1.0
     return v
-
-
-def generation_curves(backbone: Backbone, trajectory: Trajectory, directions: torch.Tensor,
-                      definition: str = "h", cond: Conditioning | None = None,
-                      labels: Sequence[str] | None = None, chunk: int = 16,
-                      t_min: int | None = None, progress: bool = False) -> GenerationCurves:
-    """Curves of K ``directions`` (K, *state_shape) along a batch-1 ``trajectory``."""
-    if definition not in DEFINITIONS:
-        raise InputError(f"definition must be one of {DEFINITIONS}, got {definition!r}")
-    if directions.ndim == len(backbone.state_shape):
-        directions = directions[None]
-    if tuple(directions.shape[1:]) != tuple(backbone.state_shape):
-        raise InputError(f"directions must have shape (K, {backbone.state_shape}), "
-                         f"got {tuple(directions.shape)}")
-    if trajectory.first.shape[0] != 1:
-        raise InputError("generation_curves takes a trajectory of one image (batch 1)")
-    steps = [(t, x) for t, x in zip(trajectory.timesteps, trajectory.states, strict=True)
-             if t is not None and (t_min is None or t >= t_min)]
-    steps.sort(key=lambda p: p[0])
-    V = directions.to(backbone.device, backbone.dtype)[:, None]  # (K, 1, *state)
-    values = []
-    for t, x in tqdm(steps, desc="curves", disable=not progress, leave=False):
-        jv = batched_jvp(backbone, x, V, t, cond, output="h", chunk=chunk)
-        values.append(jv.flatten(1).norm(dim=1))
-    vals = torch.stack(values, dim=1).detach().float().cpu()
-    return GenerationCurves([t for t, _ in steps], vals, definition,
-                            list(labels) if labels else [], {"chunk": chunk, "t_min": t_min})
 
 
 def fluctuation(values: torch.Tensor, timesteps: Sequence[int], window: int = 5,

@@ -50,3 +50,100 @@ def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: s
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+_COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def curves_figure(image, timesteps: Sequence[int], values, labels: Sequence[str],
+                  marks: Sequence[Sequence[tuple[int, int]]], path: str | Path,
+                  title: str = "", normalise: bool = False) -> Path:
+    """Fig. 2: the image with each component's pixels marked, beside its generation curves.
+
+    ``image`` is (H, W, 3) uint8; ``values`` (K, N); ``marks[k]`` the (row, col) pixels of
+    component k, drawn in the colour of its curve.
+    """
+    import numpy as np
+
+    vals = np.asarray(values, dtype=float)
+    fig, (ax_img, ax) = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=120,
+                                     gridspec_kw={"width_ratios": [1, 1.7]})
+    ax_img.imshow(image, interpolation="nearest")
+    ax_img.set_axis_off()
+    for i, (lab, pix) in enumerate(zip(labels, marks, strict=True)):
+        col = _COLOURS[i % len(_COLOURS)]
+        ys = [p[0] for p in pix]
+        xs = [p[1] for p in pix]
+        if len(pix) == 1:  # a pixel: a ringed dot that stays visible on top of regions
+            ax_img.scatter(xs, ys, s=40, facecolors=col, edgecolors="white", linewidths=1.2,
+                           zorder=3)
+        else:  # a region, row or column: translucent cells
+            ax_img.scatter(xs, ys, s=10, c=col, marker="s", alpha=0.35, linewidths=0, zorder=2)
+        v = vals[i]
+        if normalise:
+            span = v.max() - v.min()
+            v = (v - v.min()) / span if span > 0 else v * 0
+        ax.plot(timesteps, v, color=col, label=lab, lw=1.4)
+    ax.set_xlabel("t")
+    ax.set_ylabel("generation rate" + (" (normalised)" if normalise else ""))
+    ax.invert_xaxis()  # generation runs from t = T down to 0, left to right
+    ax.grid(alpha=0.3)
+    if len(labels) <= 10:
+        ax.legend(frameon=False, fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def definitions_figure(timesteps_by_def: Mapping[str, Sequence[int]],
+                       values_by_def: Mapping[str, Sequence[float]], path: str | Path,
+                       title: str = "") -> Path:
+    """Fig. 5: the curve of one component under each definition, each normalised to [0, 1]."""
+    import numpy as np
+
+    n = len(values_by_def)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.6), dpi=120, sharey=True, squeeze=False)
+    for ax, (name, vals) in zip(axes[0], values_by_def.items(), strict=True):
+        v = np.asarray(vals, dtype=float)
+        span = v.max() - v.min()
+        v = (v - v.min()) / span if span > 0 else v * 0
+        ax.plot(timesteps_by_def[name], v, lw=1.4)
+        ax.set_title(name, fontsize=9)
+        ax.invert_xaxis()
+        ax.set_xlabel("t")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("normalised rate")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def heatmap_figure(image, values, path: str | Path, title: str = "", alpha: float = 0.55,
+                   label: str = "") -> Path:
+    """A map over the image: the image, the map, and the map laid over the image."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    fig, axes = plt.subplots(1, 3, figsize=(9.0, 3.2), dpi=120)
+    axes[0].imshow(image, interpolation="nearest")
+    axes[0].set_title("image", fontsize=9)
+    im = axes[1].imshow(v, cmap="inferno", interpolation="nearest")
+    axes[1].set_title(label or "map", fontsize=9)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
+    axes[2].imshow(image, interpolation="nearest")
+    axes[2].imshow(v, cmap="inferno", alpha=alpha, interpolation="nearest")
+    axes[2].set_title("overlay", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

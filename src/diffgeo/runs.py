@@ -9,12 +9,14 @@ NPZ/CSV), refusing to overwrite unless ``force``. The returned dict is the conte
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffgeo.backbones.base import Backbone
+from diffgeo.errors import InputError
 
 
 def environment() -> dict[str, str]:
@@ -98,3 +100,169 @@ def invert_image(image: str | Path, *, model: str | Backbone = "default", t: int
         results.save_json("settings.json", settings)
     return settings
 
+
+
+def _prepare_image(bb: Backbone, image: str | Path, fit: str | None, prompt: str):
+    from diffgeo.io import load_image
+
+    x, fit_info = load_image(image, size=bb.image_size, fit=fit)
+    x = x.to(device=bb.device, dtype=bb.dtype)
+    cond = bb.condition(prompt) if (prompt or bb.conditional) else None
+    return x, fit_info, cond
+
+
+def _top_of_grid(bb: Backbone, num_steps: int, t: int | None) -> int:
+    from diffgeo import ddim
+
+    return ddim.ddim_grid(bb.num_train_timesteps, num_steps)[-1] if t is None else t
+
+
+def curves_for_image(image: str | Path, *, model: str | Backbone = "default",
+                     pixels: Sequence[Sequence[int]] = (), mask: str | Path | None = None,
+                     box: Sequence[int] | None = None, rows: Sequence[int] = (),
+                     cols: Sequence[int] = (), definition: str = "h", t: int | None = None,
+                     num_steps: int = 50, k: int = 3, channel: int | None = None,
+                     window: int = 5, t_min: int = 200, prompt: str = "",
+                     fit: str | None = None, out: str | Path | None = None,
+                     device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                     force: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Generation curves of image components along the DDIM inversion path of an image file.
+
+    Components: pixels (row, col) and rows/columns in *input-image* pixels (mapped through the
+    fit), a mask file or a box (each one region, Eq. 7 average). ``definition`` is one of
+    exact, eps, h-proj, h, or ``all`` (the four side by side, Fig. 5). Writes curves.png,
+    curves.csv (one column per component), curves.npz, settings.json (with each component's
+    fluctuation) and, for ``all``, definitions.png.
+    """
+    from diffgeo import curves as C
+    from diffgeo import ddim
+    from diffgeo.io import ResultDir, box_mask, fit_tensor, load_mask, to_uint8
+    from diffgeo.plots import curves_figure, definitions_figure
+
+    bb = as_backbone(model, device, dtype)
+    defs = list(C.DEFINITIONS) if definition == "all" else [definition]
+    for d in defs:
+        C._check_definition(d)
+    results = ResultDir(out, force=force, protect=[Path(image)]) if out is not None else None
+    names = ["curves.png", "curves.csv", "curves.npz", "settings.json"]
+    if definition == "all":
+        names.append("definitions.png")
+    if results is not None:
+        for name in names:
+            results.path_for(name)
+    x, fit_info, cond = _prepare_image(bb, image, fit, prompt)
+    comps: list[C.Component] = []
+    for p in pixels:
+        comps.append(C.pixel_component(bb, fit_info.map_pixel(p, "--pixel"), channel))
+    for r in rows:
+        rr, _ = fit_info.map_pixel((r, 0), "--row")
+        comps.append(C.row_component(bb, rr, channel))
+    for c in cols:
+        _, cc = fit_info.map_pixel((0, c), "--col")
+        comps.append(C.column_component(bb, cc, channel))
+    if mask is not None:
+        m = load_mask(mask, bb.image_size, fit_info, input_size=fit_info.in_size)
+        comps.append(C.mask_component(bb, m[0, 0], "mask", channel))
+    if box is not None:
+        m = box_mask(box, fit_info.in_size)
+        m, _ = fit_tensor(m, bb.image_size, fit_info, is_mask=True)
+        comps.append(C.mask_component(bb, m[0, 0], "box", channel))
+    if not comps:
+        raise InputError("give at least one component: --pixel, --row, --col, --mask or --box")
+    t_top = _top_of_grid(bb, num_steps, t)
+    with torch.no_grad():
+        state = bb.to_state(x)
+    inv = ddim.invert(bb, state, t_top, num_steps, cond, progress=progress)
+    bases = None
+    if any(d in C.PROJECTED for d in defs):  # one set of bases serves every definition
+        from diffgeo.tangent import tangent_bases_along
+
+        bases = tangent_bases_along(bb, inv, k=k, cond=cond, oversample=4, progress=progress)
+    by_def = {d: C.generation_curves(bb, inv, comps, d, cond, k=k, bases=bases,
+                                     progress=progress) for d in defs}
+    main = by_def[defs[0]]
+    flucts = {d: [float(v) for v in c.fluctuation(window, min(t_min, c.timesteps[-1] - 1))]
+              for d, c in by_def.items()}
+    settings: dict[str, Any] = {
+        "verb": "curves", "image": str(image), "model": bb.name or str(model),
+        "definition": definition, "t": t_top, "num_steps": num_steps, "k": k,
+        "channel": channel, "window": window, "t_min": t_min, "prompt": prompt,
+        "fit": fit_info.to_dict(), "components": [c.label for c in comps],
+        "fluctuation": {d: dict(zip(main.labels, f, strict=True)) for d, f in flucts.items()},
+        "device": device, "dtype": dtype, "seed": seed, "environment": environment(),
+    }
+    if results is not None:
+        img = to_uint8(x.float().cpu())
+        marks = [c.pixels for c in comps]
+        curves_figure(img, main.timesteps, main.values.numpy(), main.labels, marks,
+                      results.path_for("curves.png"),
+                      f"generation curves ({defs[0]}), inversion to t={t_top}")
+        rows_out = []
+        for j, tt in enumerate(main.timesteps):
+            row = [tt]
+            for d in defs:
+                row += [float(v) for v in by_def[d].values[:, j]]
+            rows_out.append(row)
+        header = ["t"] + [f"{d}:{lab}" for d in defs for lab in main.labels]
+        results.save_csv("curves.csv", header, rows_out)
+        results.save_npz("curves.npz", timesteps=torch.tensor(main.timesteps),
+                         **{f"values_{d}": c.values for d, c in by_def.items()})
+        if definition == "all":
+            definitions_figure({d: c.timesteps for d, c in by_def.items()},
+                               {d: c.values[0].numpy() for d, c in by_def.items()},
+                               results.path_for("definitions.png"),
+                               f"{main.labels[0]}: the four definitions (normalised)")
+        results.save_json("settings.json", settings)
+    settings["curves"] = by_def
+    return settings
+
+
+def saliency_for_image(image: str | Path, *, model: str | Backbone = "default",
+                       definition: str = "h", estimator: str | None = None, probes: int = 64,
+                       t: int | None = None, num_steps: int = 50, k: int = 3,
+                       window: int = 5, t_min: int = 200, prompt: str = "",
+                       fit: str | None = None, out: str | Path | None = None,
+                       device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                       force: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Rate maps [T × h × w] along the inversion path and the saliency (fluctuation) map.
+
+    Writes saliency.png (image, map, overlay), rate_maps.npz (timesteps, maps, saliency) and
+    settings.json (estimator and its per-cell relative standard deviation).
+    """
+    from diffgeo import ddim
+    from diffgeo.io import ResultDir, to_uint8
+    from diffgeo.maps import rate_maps_along, upsample_to_image
+    from diffgeo.plots import heatmap_figure
+
+    bb = as_backbone(model, device, dtype)
+    results = ResultDir(out, force=force, protect=[Path(image)]) if out is not None else None
+    if results is not None:
+        for name in ("saliency.png", "rate_maps.npz", "settings.json"):
+            results.path_for(name)
+    x, fit_info, cond = _prepare_image(bb, image, fit, prompt)
+    t_top = _top_of_grid(bb, num_steps, t)
+    with torch.no_grad():
+        state = bb.to_state(x)
+    inv = ddim.invert(bb, state, t_top, num_steps, cond, progress=progress)
+    maps = rate_maps_along(bb, inv, definition, estimator, cond, probes=probes, seed=seed, k=k,
+                           progress=progress)
+    sal = maps.saliency(window, min(t_min, maps.timesteps[-1] - 1))
+    settings: dict[str, Any] = {
+        "verb": "saliency-map", "image": str(image), "model": bb.name or str(model),
+        "definition": definition, "estimator": maps.estimator,
+        "relative_std_per_cell": maps.relative_std, "probes": probes, "t": t_top,
+        "num_steps": num_steps, "k": k, "window": window, "t_min": t_min, "prompt": prompt,
+        "fit": fit_info.to_dict(), "device": device, "dtype": dtype, "seed": seed,
+        "environment": environment(),
+    }
+    if results is not None:
+        heatmap_figure(to_uint8(x.float().cpu()), upsample_to_image(sal, bb.image_size).numpy(),
+                       results.path_for("saliency.png"),
+                       f"saliency = curve fluctuation ({definition}, {maps.estimator})",
+                       label="fluctuation")
+        results.save_npz("rate_maps.npz", timesteps=torch.tensor(maps.timesteps),
+                         maps=maps.values, saliency=sal)
+        results.save_json("settings.json", settings)
+    settings["maps"] = maps
+    settings["saliency"] = sal
+    return settings
