@@ -140,6 +140,11 @@ def curves(
     window: int = typer.Option(5, help="Fluctuation: sliding-window length."),
     t_min: int = typer.Option(200, help="Fluctuation: only timesteps above this."),
     prompt: str = typer.Option("", help="Text prompt (conditional models)."),
+    perceptual: str | None = typer.Option(None, help="Also the region's perceptual-based curve "
+                                          "(App. C.2) with this DINO model (hub id or folder, "
+                                          "e.g. facebook/dino-vits16); needs --mask or --box."),
+    perceptual_mode: str = typer.Option("multiply", help="DINO masking: multiply (the paper's "
+                                        "I⊙M) or crop (also crop to the region's box)."),
     fit: str | None = typer.Option(None, help=FIT_HELP),
     out: Path = typer.Option(Path("out/curves"), help="Output folder."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -156,7 +161,8 @@ def curves(
         image, model=model, pixels=[parse_point(p, "--pixel") for p in pixel], mask=mask,
         box=parse_box(box) if box else None, rows=row, cols=col, definition=definition, t=t,
         num_steps=steps, k=k, channel=channel, window=window, t_min=t_min, prompt=prompt,
-        fit=fit, out=out, device=device, dtype=dtype, seed=seed, force=force, progress=True)
+        perceptual=perceptual, perceptual_mode=perceptual_mode, fit=fit, out=out, device=device,
+        dtype=dtype, seed=seed, force=force, progress=True)
     for d, per in res["fluctuation"].items():
         for label, f in per.items():
             typer.echo(f"{d:7s} {label:24s} fluctuation {f:.4g}")

@@ -33,10 +33,13 @@ def grouped_bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], p
 
 
 def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: str | Path,
-              xlabel: str, ylabel: str, title: str = "", logy: bool = False) -> Path:
+              xlabel: str, ylabel: str, title: str = "", logy: bool = False,
+              invert_x: bool = False) -> Path:
     fig, ax = plt.subplots(figsize=(5.0, 3.2), dpi=120)
     for name, ys in series.items():
         ax.plot(x, ys, label=name)
+    if invert_x:
+        ax.invert_xaxis()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logy:
@@ -75,10 +78,10 @@ def curves_figure(image, timesteps: Sequence[int], values, labels: Sequence[str]
         ys = [p[0] for p in pix]
         xs = [p[1] for p in pix]
         if len(pix) == 1:  # a pixel: a ringed dot that stays visible on top of regions
-            ax_img.scatter(xs, ys, s=40, facecolors=col, edgecolors="white", linewidths=1.2,
+            ax_img.scatter(xs, ys, s=40, color=col, edgecolors="white", linewidths=1.2,
                            zorder=3)
         else:  # a region, row or column: translucent cells
-            ax_img.scatter(xs, ys, s=10, c=col, marker="s", alpha=0.35, linewidths=0, zorder=2)
+            ax_img.scatter(xs, ys, s=10, color=col, marker="s", alpha=0.35, linewidths=0, zorder=2)
         v = vals[i]
         if normalise:
             span = v.max() - v.min()

@@ -123,6 +123,7 @@ def curves_for_image(image: str | Path, *, model: str | Backbone = "default",
                      cols: Sequence[int] = (), definition: str = "h", t: int | None = None,
                      num_steps: int = 50, k: int = 3, channel: int | None = None,
                      window: int = 5, t_min: int = 200, prompt: str = "",
+                     perceptual: str | None = None, perceptual_mode: str = "multiply",
                      fit: str | None = None, out: str | Path | None = None,
                      device: str = "cpu", dtype: str = "float32", seed: int = 0,
                      force: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -132,7 +133,9 @@ def curves_for_image(image: str | Path, *, model: str | Backbone = "default",
     fit), a mask file or a box (each one region, Eq. 7 average). ``definition`` is one of
     exact, eps, h-proj, h, or ``all`` (the four side by side, Fig. 5). Writes curves.png,
     curves.csv (one column per component), curves.npz, settings.json (with each component's
-    fluctuation) and, for ``all``, definitions.png.
+    fluctuation) and, for ``all``, definitions.png. With ``perceptual`` (a DINO model id or
+    folder) the region's perceptual-based curve (App. C.2) is computed too and drawn against
+    ours (perceptual.png, Fig. 4); it needs a mask or box.
     """
     from diffgeo import curves as C
     from diffgeo import ddim
@@ -147,6 +150,10 @@ def curves_for_image(image: str | Path, *, model: str | Backbone = "default",
     names = ["curves.png", "curves.csv", "curves.npz", "settings.json"]
     if definition == "all":
         names.append("definitions.png")
+    if perceptual is not None:
+        if mask is None and box is None:
+            raise InputError("the perceptual curve is object-wise: give --mask or --box")
+        names.append("perceptual.png")
     if results is not None:
         for name in names:
             results.path_for(name)
@@ -183,6 +190,14 @@ def curves_for_image(image: str | Path, *, model: str | Backbone = "default",
     main = by_def[defs[0]]
     flucts = {d: [float(v) for v in c.fluctuation(window, min(t_min, c.timesteps[-1] - 1))]
               for d, c in by_def.items()}
+    percep = None
+    if perceptual is not None:
+        from diffgeo.perceptual import DinoFeatures, perceptual_curve
+
+        region = next(i for i, c in enumerate(comps) if c.label in ("mask", "box"))
+        region_mask = _component_mask(bb, comps[region])
+        percep = perceptual_curve(bb, inv, x, region_mask, DinoFeatures.load(perceptual, device),
+                                  cond, perceptual_mode)
     settings: dict[str, Any] = {
         "verb": "curves", "image": str(image), "model": bb.name or str(model),
         "definition": definition, "t": t_top, "num_steps": num_steps, "k": k,
@@ -207,6 +222,19 @@ def curves_for_image(image: str | Path, *, model: str | Backbone = "default",
         results.save_csv("curves.csv", header, rows_out)
         results.save_npz("curves.npz", timesteps=torch.tensor(main.timesteps),
                          **{f"values_{d}": c.values for d, c in by_def.items()})
+        if percep is not None:
+            from diffgeo.plots import line_plot
+
+            ours = main.values[region].numpy()
+            rate = percep.rate.numpy()
+            line_plot(main.timesteps, {
+                f"ours ({defs[0]})": (ours - ours.min()) / max(ours.max() - ours.min(), 1e-12),
+                "perceptual (DINO)": (rate - rate.min()) / max(rate.max() - rate.min(), 1e-12),
+            }, results.path_for("perceptual.png"), "t", "normalised rate",
+                f"{comps[region].label}: perceptual-based vs generation curve", invert_x=True)
+            settings["perceptual"] = {"model": perceptual, "mode": perceptual_mode,
+                                      "distance": percep.distance.tolist(),
+                                      "rate": percep.rate.tolist()}
         if definition == "all":
             definitions_figure({d: c.timesteps for d, c in by_def.items()},
                                {d: c.values[0].numpy() for d, c in by_def.items()},
@@ -215,6 +243,19 @@ def curves_for_image(image: str | Path, *, model: str | Backbone = "default",
         results.save_json("settings.json", settings)
     settings["curves"] = by_def
     return settings
+
+
+def _component_mask(bb: Backbone, comp) -> torch.Tensor:
+    """The image-resolution mask (H, W) of the state cells a component covers."""
+    from diffgeo.curves import state_cell
+
+    H, W = bb.image_size
+    h, w = bb.state_shape[-2:]
+    m = torch.zeros(H, W)
+    for p in comp.pixels:
+        r, c = state_cell(bb, p)
+        m[r * H // h:(r + 1) * H // h, c * W // w:(c + 1) * W // w] = 1.0
+    return m
 
 
 def saliency_for_image(image: str | Path, *, model: str | Backbone = "default",
