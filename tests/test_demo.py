@@ -68,7 +68,10 @@ def tiny_demo(tiny, tmp_path_factory) -> Path:
 
 def test_tiny_demo_page_links_only_existing_files(tiny_demo):
     links = _check_links(tiny_demo)
-    assert _sections(tiny_demo) == ["Model", "Samples", "DDIM inversion and reconstruction"]
+    assert _sections(tiny_demo) == ["Model", "Samples", "DDIM inversion and reconstruction",
+                                    "Generation curves and saliency"]
+    for name in ("curves.png", "saliency.png"):
+        assert (tiny_demo.parent / name).is_file()
     # Quick run: 8 samples in one strip, 2 scenes x (input, X_t, plain, exact), the PSNR plot.
     assert links.count("samples-0.png") == 1
     assert {f"inv-{i}-{k}.png" for i in range(2) for k in ("input", "xt", "plain", "exact")} \
@@ -102,6 +105,7 @@ def test_demo_cli_on_the_default_model(tmp_path):
     assert f"open {page}" in result.stdout
     sections = _sections(page)
     assert "Samples" in sections and "DDIM inversion and reconstruction" in sections
+    assert "Generation curves and saliency" in sections
     _check_links(page)
     text = page.read_text(encoding="utf-8")
     assert "model default" in text
