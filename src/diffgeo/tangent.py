@@ -38,6 +38,7 @@ this module does not (and cannot) check.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +50,8 @@ from diffgeo.ddim import Trajectory
 from diffgeo.errors import InputError
 from diffgeo.jacobian import OUTPUTS, batched_jvp, batched_vjp
 
-__all__ = ["DEFAULT_SEED", "TangentBasis", "principal_angles", "tangent_basis",
-           "tangent_bases_along"]
+__all__ = ["DEFAULT_SEED", "PowerIterationResult", "TangentBasis", "block_power_iteration",
+           "principal_angles", "tangent_basis", "tangent_bases_along"]
 
 DEFAULT_SEED = 0  # seed of the generator used when none is given: same call, same basis
 
@@ -220,30 +221,19 @@ def _check_int(value: Any, name: str, low: int) -> int:
     return value
 
 
-def _init_columns(init: TangentBasis | torch.Tensor | None, state_shape: tuple[int, ...],
-                  m: int) -> tuple[torch.Tensor | None, int]:
+def _init_columns(init: torch.Tensor | None, shape: tuple[int, ...], m: int,
+                  what: str = "a tensor") -> tuple[torch.Tensor | None, int]:
     """The warm-start columns as an (n, k') float64 matrix (at most m of them), or None."""
     if init is None:
         return None, 0
-    if isinstance(init, TangentBasis):
-        if init.state_shape != state_shape:
-            raise InputError(f"init is a basis for states of shape {init.state_shape}, but x has "
-                             f"state shape {state_shape}")
-        blocks = [init.vectors]
-        if init.extra_vectors is not None:
-            blocks.append(init.extra_vectors.to(init.vectors))
-        vecs = torch.cat(blocks)
-    elif isinstance(init, torch.Tensor):
-        if init.ndim == len(state_shape):
-            init = init[None]
-        if tuple(init.shape[1:]) != state_shape or init.shape[0] < 1:
-            raise InputError(f"init must be a TangentBasis or a tensor of shape "
-                             f"(k', {', '.join(map(str, state_shape))}), got {tuple(init.shape)}")
-        vecs = init
-    else:
-        raise InputError(f"init must be a TangentBasis, a tensor or None, "
-                         f"got {type(init).__name__}")
-    vecs = vecs[:m].detach().to(torch.float64)
+    if not isinstance(init, torch.Tensor):
+        raise InputError(f"init must be {what} or None, got {type(init).__name__}")
+    if init.ndim == len(shape):
+        init = init[None]
+    if tuple(init.shape[1:]) != shape or init.shape[0] < 1:
+        raise InputError(f"init must be {what} of shape "
+                         f"(k', {', '.join(map(str, shape))}), got {tuple(init.shape)}")
+    vecs = init[:m].detach().to(torch.float64)
     if not torch.isfinite(vecs).all():
         raise InputError("init contains NaN or infinite values")
     return vecs.reshape(vecs.shape[0], -1).T, int(vecs.shape[0])
@@ -258,7 +248,159 @@ def _default_generator(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
+# ---------------------------------------------------------------------------------- generic core
+
+
+@dataclass
+class PowerIterationResult:
+    """What :func:`block_power_iteration` found: k leading right singular pairs of an operator J.
+
+    ``vectors`` (k, *shape), orthonormal when flattened, signed by the module's convention;
+    ``singular_values`` (k,) float64, descending; ``extra_vectors`` / ``extra_values``: the
+    oversampling Ritz pairs (None without oversampling); ``residuals`` / ``angles``: the two
+    convergence-test quantities per pass; ``jvps`` / ``vjps``: how many products J·v and Jᵀ·w
+    were applied (the cost); ``warm_start_columns`` / ``random_columns``: how the start block was
+    made, ``seed`` the generator's initial seed when random columns were drawn.
+    """
+
+    vectors: torch.Tensor
+    singular_values: torch.Tensor
+    iterations: int
+    converged: bool
+    residuals: list[float]
+    angles: list[float]
+    extra_vectors: torch.Tensor | None
+    extra_values: torch.Tensor | None
+    jvps: int
+    vjps: int
+    warm_start_columns: int
+    random_columns: int
+    seed: int | None
+
+
+def block_power_iteration(
+    apply_j: Callable[[torch.Tensor], torch.Tensor],
+    apply_jt: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, ...],
+    k: int,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    oversample: int = 0,
+    power_passes: int | None = None,
+    init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    space: str = "input",
+) -> PowerIterationResult:
+    """k leading right singular vectors of a linear operator J known only through products.
+
+    ``apply_j`` maps a batch of m input vectors (m, *shape) to J·V (m, *out_shape); ``apply_jt``
+    maps a batch (m, *out_shape) back to Jᵀ·W (m, *shape). Both receive tensors in ``dtype`` on
+    ``device``, contiguous. This is the loop :func:`tangent_basis` runs on D h(x) and RBE runs on
+    the masked decoder Jacobian ∂(M ⊙ ε)/∂h: block power (subspace) iteration on JᵀJ with
+    m = k + ``oversample`` vectors, QR every pass (deflation never relies on round-off), a
+    Rayleigh–Ritz step in float64 after every pass, the sign convention of this module, and the
+    two-part convergence test (relative change of the k Ritz values ≤ ``tol`` and largest
+    principal angle between successive k-dimensional Ritz subspaces ≤ sqrt(``tol``)), or exactly
+    ``power_passes`` passes without a test (see :func:`tangent_basis` for the trade-offs).
+
+    ``init``: (k', *shape) start vectors (truncated to m; missing columns are Gaussian draws from
+    ``generator``, default a fresh generator seeded 0). ``space`` names the input space in error
+    messages ("state", "h").
+    """
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    _check_int(k, "k", 1)
+    if k > n:
+        raise InputError(f"k must be <= the {space} dimension {n}, got {k}")
+    _check_int(oversample, "oversample", 0)
+    if k + oversample > n:
+        raise InputError(f"k + oversample must be <= the {space} dimension {n}, got "
+                         f"{k} + {oversample}")
+    _check_int(max_iter, "max_iter", 1)
+    if power_passes is not None:
+        _check_int(power_passes, "power_passes", 0)
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
+        raise InputError(f"tol must be a number > 0, got {tol!r}")
+    gen = _default_generator(generator)
+    device = torch.device(device)
+    m = k + oversample
+
+    start, n_init = _init_columns(init, shape, m)
+    fill = m - n_init
+    if fill > 0:
+        draws = torch.randn(n, fill, generator=gen, dtype=torch.float64, device=gen.device)
+        draws = draws.to(device)
+        start = draws if start is None else torch.cat([start.to(device), draws], dim=1)
+    assert start is not None
+    V = _orthonormal(start.to(device)).to(dtype)
+
+    out_shape: tuple[int, ...] = ()
+
+    def j_mat(V: torch.Tensor) -> torch.Tensor:  # (n, m) -> (|out|, m)
+        nonlocal out_shape
+        W = apply_j(V.T.reshape(m, *shape).contiguous()).detach()
+        out_shape = tuple(W.shape[1:])
+        return W.reshape(m, -1).T
+
+    def jt_mat(W: torch.Tensor) -> torch.Tensor:  # (|out|, m) -> (n, m)
+        Z = apply_jt(W.T.reshape(m, *out_shape).contiguous()).detach()
+        return Z.reshape(m, -1).T
+
+    W = j_mat(V)
+    ritz, s = _rayleigh_ritz(V, W)
+    jvps, vjps = m, 0
+    residuals: list[float] = []
+    angles: list[float] = []
+    converged = False
+    passes = 0
+    limit = max_iter if power_passes is None else power_passes
+    while passes < limit:
+        V = _orthonormal(jt_mat(W))
+        vjps += m
+        W = j_mat(V)
+        jvps += m
+        new_ritz, new_s = _rayleigh_ritz(V, W)
+        passes += 1
+        residuals.append(_sv_change(s[:k], new_s[:k]))
+        angles.append(_largest_angle(ritz[:, :k], new_ritz[:, :k]))
+        ritz, s = new_ritz, new_s
+        converged = residuals[-1] <= tol and angles[-1] <= math.sqrt(tol)
+        if converged and power_passes is None:
+            break
+
+    ritz = _sign_fix(ritz).to(dtype)
+    vectors = ritz.T.reshape(m, *shape)
+    return PowerIterationResult(
+        vectors=vectors[:k].contiguous(), singular_values=s[:k].clone(), iterations=passes,
+        converged=converged, residuals=residuals, angles=angles,
+        extra_vectors=vectors[k:].contiguous() if oversample else None,
+        extra_values=s[k:].clone() if oversample else None,
+        jvps=jvps, vjps=vjps, warm_start_columns=n_init, random_columns=fill,
+        seed=gen.initial_seed() if fill > 0 else None,
+    )
+
+
 # ---------------------------------------------------------------------------------- main API
+
+
+def _basis_init(init: TangentBasis | torch.Tensor | None, state_shape: tuple[int, ...]
+                ) -> torch.Tensor | None:
+    """A warm start as a (k', *state_shape) tensor: a basis contributes its oversampling block."""
+    if init is None or isinstance(init, torch.Tensor):
+        return init
+    if isinstance(init, TangentBasis):
+        if init.state_shape != state_shape:
+            raise InputError(f"init is a basis for states of shape {init.state_shape}, but x has "
+                             f"state shape {state_shape}")
+        blocks = [init.vectors]
+        if init.extra_vectors is not None:
+            blocks.append(init.extra_vectors.to(init.vectors))
+        return torch.cat(blocks)
+    raise InputError(f"init must be a TangentBasis, a tensor or None, "
+                     f"got {type(init).__name__}")
 
 
 def tangent_basis(backbone: Backbone, x: torch.Tensor, t: int, cond: Conditioning | None = None,
@@ -268,9 +410,10 @@ def tangent_basis(backbone: Backbone, x: torch.Tensor, t: int, cond: Conditionin
                   generator: torch.Generator | None = None, chunk: int = 16) -> TangentBasis:
     """k leading right singular vectors of J = D output(x) (output "h": the bottleneck).
 
-    Block power iteration on JᵀJ with m = k + ``oversample`` vectors (module docstring). Each pass
-    costs m JVPs and m VJPs; the Rayleigh–Ritz step after each pass reuses that pass's JVPs, so a
-    run of q passes costs (q + 1)·m JVPs and q·m VJPs in all.
+    Block power iteration on JᵀJ with m = k + ``oversample`` vectors (module docstring;
+    the loop itself is :func:`block_power_iteration`). Each pass costs m JVPs and m VJPs; the
+    Rayleigh–Ritz step after each pass reuses that pass's JVPs, so a run of q passes costs
+    (q + 1)·m JVPs and q·m VJPs in all.
 
     Stopping:
     - ``power_passes=None`` (default): iterate until, between two successive passes, the relative
@@ -306,85 +449,34 @@ def tangent_basis(backbone: Backbone, x: torch.Tensor, t: int, cond: Conditionin
     if output not in OUTPUTS:
         raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")
     state_shape = tuple(backbone.state_shape)
-    n = math.prod(state_shape)
     _check_int(k, "k", 1)
-    if k > n:
-        raise InputError(f"k must be <= the state dimension {n}, got {k}")
-    _check_int(oversample, "oversample", 0)
-    if k + oversample > n:
-        raise InputError(f"k + oversample must be <= the state dimension {n}, got "
-                         f"{k} + {oversample}")
-    _check_int(max_iter, "max_iter", 1)
-    if power_passes is not None:
-        _check_int(power_passes, "power_passes", 0)
     _check_int(chunk, "chunk", 1)
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
-        raise InputError(f"tol must be a number > 0, got {tol!r}")
     tt = backbone.timesteps(t, 1)  # validates t (integer, on the training grid)
     t_int = int(tt[0])
-    gen = _default_generator(generator)
-    m = k + oversample
     x = x.detach()
+    start = _basis_init(init, state_shape)
 
-    start, n_init = _init_columns(init, state_shape, m)
-    fill = m - n_init
-    if fill > 0:
-        draws = torch.randn(n, fill, generator=gen, dtype=torch.float64, device=gen.device)
-        draws = draws.to(x.device)
-        start = draws if start is None else torch.cat([start.to(x.device), draws], dim=1)
-    assert start is not None
-    V = _orthonormal(start.to(x.device)).to(x.dtype)
+    def apply_j(V: torch.Tensor) -> torch.Tensor:  # (m, *state) -> (m, 1, *out)
+        return batched_jvp(backbone, x, V[:, None], tt, cond, output=output, chunk=chunk)
 
-    h_shape: tuple[int, ...] = ()
+    def apply_jt(W: torch.Tensor) -> torch.Tensor:  # (m, 1, *out) -> (m, *state)
+        Z = batched_vjp(backbone, x, W, tt, cond, output=output, chunk=chunk)
+        return Z[:, 0]
 
-    def apply_j(V: torch.Tensor) -> torch.Tensor:  # (n, m) -> (|h|, m)
-        nonlocal h_shape
-        dirs = V.T.reshape(m, 1, *state_shape)
-        W = batched_jvp(backbone, x, dirs, tt, cond, output=output, chunk=chunk).detach()
-        h_shape = tuple(W.shape[2:])
-        return W.reshape(m, -1).T
-
-    def apply_jt(W: torch.Tensor) -> torch.Tensor:  # (|h|, m) -> (n, m)
-        cot = W.T.reshape(m, 1, *h_shape)
-        Z = batched_vjp(backbone, x, cot, tt, cond, output=output, chunk=chunk)
-        return Z.detach().reshape(m, -1).T
-
-    W = apply_j(V)
-    ritz, s = _rayleigh_ritz(V, W)
-    jvps, vjps = m, 0
-    residuals: list[float] = []
-    angles: list[float] = []
-    converged = False
-    passes = 0
-    limit = max_iter if power_passes is None else power_passes
-    while passes < limit:
-        V = _orthonormal(apply_jt(W))
-        vjps += m
-        W = apply_j(V)
-        jvps += m
-        new_ritz, new_s = _rayleigh_ritz(V, W)
-        passes += 1
-        residuals.append(_sv_change(s[:k], new_s[:k]))
-        angles.append(_largest_angle(ritz[:, :k], new_ritz[:, :k]))
-        ritz, s = new_ritz, new_s
-        converged = residuals[-1] <= tol and angles[-1] <= math.sqrt(tol)
-        if converged and power_passes is None:
-            break
-
-    ritz = _sign_fix(ritz).to(x.dtype)
-    vectors = ritz.T.reshape(m, *state_shape)
+    r = block_power_iteration(
+        apply_j, apply_jt, state_shape, k, max_iter=max_iter, tol=tol, oversample=oversample,
+        power_passes=power_passes, init=start, generator=generator, dtype=x.dtype,
+        device=x.device, space="state")
     settings: dict[str, Any] = dict(
         k=k, output=output, max_iter=max_iter, tol=tol, oversample=oversample,
-        power_passes=power_passes, chunk=chunk, warm_start_columns=n_init,
-        random_columns=fill, seed=gen.initial_seed() if fill > 0 else None,
-        jvps=jvps, vjps=vjps, dtype=str(x.dtype).replace("torch.", ""),
+        power_passes=power_passes, chunk=chunk, warm_start_columns=r.warm_start_columns,
+        random_columns=r.random_columns, seed=r.seed,
+        jvps=r.jvps, vjps=r.vjps, dtype=str(x.dtype).replace("torch.", ""),
     )
     return TangentBasis(
-        vectors=vectors[:k].contiguous(), singular_values=s[:k].clone(), timestep=t_int,
-        iterations=passes, converged=converged, residuals=residuals, angles=angles,
-        settings=settings,
-        extra_vectors=vectors[k:].contiguous() if oversample else None,
-        extra_values=s[k:].clone() if oversample else None,
+        vectors=r.vectors, singular_values=r.singular_values, timestep=t_int,
+        iterations=r.iterations, converged=r.converged, residuals=r.residuals, angles=r.angles,
+        settings=settings, extra_vectors=r.extra_vectors, extra_values=r.extra_values,
     )
 
 
