@@ -226,10 +226,6 @@ def test_curves_pixel_outside_the_crop(cli, tiny, image, tmp_path):
     assert not (out / "curves.csv").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: runs.curves_for_image maps --row R as the pixel "
-                   "(R, 0) and --col C as (0, C) through Fit.map_pixel, which refuses them when "
-                   "column 0 (row 0) is cropped away: --row always fails on a wide image with "
-                   "--fit crop, --col on a tall one")
 @pytest.mark.parametrize("what", ["row-on-wide-image", "col-on-tall-image"])
 def test_row_and_column_through_a_crop(cli, tiny, image, tmp_path, what):
     if what == "row-on-wide-image":

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.ddim import Trajectory, predict_x0
 from diffgeo.errors import InputError, ModelNotFoundError
+from diffgeo.hub import looks_like_path, snapshot
 
 DINO_DEFAULT = "facebook/dino-vits16"
 """DINO v1 ViT-S/16, the model the paper cites (Caron et al., 2021)."""
@@ -66,22 +67,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 # ---------------------------------------------------------------------------------- loading
 def _hub_download(repo_id: str, allow_pickle: bool) -> Path:
     """Fetch only config, preprocessor config and weights; every failure names the way out."""
-    from huggingface_hub import snapshot_download
-
     patterns = _HUB_PATTERNS + (_HUB_PICKLE_PATTERNS if allow_pickle else [])
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # same actionable message as diffgeo.backbones.load
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        raise ModelNotFoundError(
-            f"could not load DINO model {repo_id!r}: it is not a local folder, and "
-            + ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
-               if offline else "the Hugging Face Hub could not provide it")
-            + f" ({type(e).__name__}). Either download it where the Hub is reachable (it is then "
-            "cached), or pass the path of a local folder saved with save_pretrained (config.json "
-            "and model.safetensors), e.g. --dino ./dino-vits16. Set HF_HUB_OFFLINE=1 to use only "
-            "the local cache without network access."
-        ) from None
+    return snapshot(repo_id, patterns, what="DINO model", example="--perceptual ./dino-vits16")
 
 
 def _resolve(name_or_path: str | os.PathLike, allow_pickle: bool) -> Path:
@@ -91,10 +78,7 @@ def _resolve(name_or_path: str | os.PathLike, allow_pickle: bool) -> Path:
         if not path.is_dir():
             raise InputError(f"DINO model must be a folder or a hub id; {path} is a file")
         return path
-    # As diffgeo.backbones.load: "owner/name" or a bare "name" is a hub id, anything else a path.
-    looks_like_path = (name.startswith((".", "/", "~")) or name.count("/") > 1
-                       or (os.sep != "/" and os.sep in name))
-    if looks_like_path:
+    if looks_like_path(name):
         raise ModelNotFoundError(f"DINO model folder not found: {path}")
     return _hub_download(name, allow_pickle)
 

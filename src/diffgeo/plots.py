@@ -9,6 +9,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def normalise01(values) -> np.ndarray:
+    """Scale a curve to [0, 1] for shape comparisons (a flat curve becomes zeros)."""
+    v = np.asarray(values, dtype=float)
+    span = v.max() - v.min()
+    return (v - v.min()) / span if span > 0 else np.zeros_like(v)
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def grouped_bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], path: str | Path,
@@ -26,10 +41,7 @@ def grouped_bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], p
         ax.set_title(title)
     ax.legend(frameon=False, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: str | Path,
@@ -49,10 +61,7 @@ def line_plot(x: Sequence[float], series: Mapping[str, Sequence[float]], path: s
     if len(series) > 1:
         ax.legend(frameon=False, fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 _COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -66,8 +75,6 @@ def curves_figure(image, timesteps: Sequence[int], values, labels: Sequence[str]
     ``image`` is (H, W, 3) uint8; ``values`` (K, N); ``marks[k]`` the (row, col) pixels of
     component k, drawn in the colour of its curve.
     """
-    import numpy as np
-
     vals = np.asarray(values, dtype=float)
     fig, (ax_img, ax) = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=120,
                                      gridspec_kw={"width_ratios": [1, 1.7]})
@@ -82,10 +89,7 @@ def curves_figure(image, timesteps: Sequence[int], values, labels: Sequence[str]
                            zorder=3)
         else:  # a region, row or column: translucent cells
             ax_img.scatter(xs, ys, s=10, color=col, marker="s", alpha=0.35, linewidths=0, zorder=2)
-        v = vals[i]
-        if normalise:
-            span = v.max() - v.min()
-            v = (v - v.min()) / span if span > 0 else v * 0
+        v = normalise01(vals[i]) if normalise else vals[i]
         ax.plot(timesteps, v, color=col, label=lab, lw=1.4)
     ax.set_xlabel("t")
     ax.set_ylabel("generation rate" + (" (normalised)" if normalise else ""))
@@ -95,25 +99,17 @@ def curves_figure(image, timesteps: Sequence[int], values, labels: Sequence[str]
         ax.legend(frameon=False, fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def definitions_figure(timesteps_by_def: Mapping[str, Sequence[int]],
                        values_by_def: Mapping[str, Sequence[float]], path: str | Path,
                        title: str = "") -> Path:
     """Fig. 5: the curve of one component under each definition, each normalised to [0, 1]."""
-    import numpy as np
-
     n = len(values_by_def)
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.6), dpi=120, sharey=True, squeeze=False)
     for ax, (name, vals) in zip(axes[0], values_by_def.items(), strict=True):
-        v = np.asarray(vals, dtype=float)
-        span = v.max() - v.min()
-        v = (v - v.min()) / span if span > 0 else v * 0
-        ax.plot(timesteps_by_def[name], v, lw=1.4)
+        ax.plot(timesteps_by_def[name], normalise01(vals), lw=1.4)
         ax.set_title(name, fontsize=9)
         ax.invert_xaxis()
         ax.set_xlabel("t")
@@ -121,17 +117,12 @@ def definitions_figure(timesteps_by_def: Mapping[str, Sequence[int]],
     axes[0][0].set_ylabel("normalised rate")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def heatmap_figure(image, values, path: str | Path, title: str = "", alpha: float = 0.55,
                    label: str = "") -> Path:
     """A map over the image: the image, the map, and the map laid over the image."""
-    import numpy as np
-
     v = np.asarray(values, dtype=float)
     fig, axes = plt.subplots(1, 3, figsize=(9.0, 3.2), dpi=120)
     axes[0].imshow(image, interpolation="nearest")
@@ -146,7 +137,4 @@ def heatmap_figure(image, values, path: str | Path, title: str = "", alpha: floa
         ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

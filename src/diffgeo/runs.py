@@ -161,11 +161,13 @@ def curves_for_image(image: str | Path, *, model: str | Backbone = "default",
     comps: list[C.Component] = []
     for p in pixels:
         comps.append(C.pixel_component(bb, fit_info.map_pixel(p, "--pixel"), channel))
+    # Rows and columns are mapped through the image's centre line: the crop may cut away the
+    # edges, never the centre.
     for r in rows:
-        rr, _ = fit_info.map_pixel((r, 0), "--row")
+        rr, _ = fit_info.map_pixel((r, fit_info.in_size[1] // 2), "--row")
         comps.append(C.row_component(bb, rr, channel))
     for c in cols:
-        _, cc = fit_info.map_pixel((0, c), "--col")
+        _, cc = fit_info.map_pixel((fit_info.in_size[0] // 2, c), "--col")
         comps.append(C.column_component(bb, cc, channel))
     if mask is not None:
         m = load_mask(mask, bb.image_size, fit_info, input_size=fit_info.in_size)
@@ -223,13 +225,11 @@ def curves_for_image(image: str | Path, *, model: str | Backbone = "default",
         results.save_npz("curves.npz", timesteps=torch.tensor(main.timesteps),
                          **{f"values_{d}": c.values for d, c in by_def.items()})
         if percep is not None:
-            from diffgeo.plots import line_plot
+            from diffgeo.plots import line_plot, normalise01
 
-            ours = main.values[region].numpy()
-            rate = percep.rate.numpy()
             line_plot(main.timesteps, {
-                f"ours ({defs[0]})": (ours - ours.min()) / max(ours.max() - ours.min(), 1e-12),
-                "perceptual (DINO)": (rate - rate.min()) / max(rate.max() - rate.min(), 1e-12),
+                f"ours ({defs[0]})": normalise01(main.values[region].numpy()),
+                "perceptual (DINO)": normalise01(percep.rate.numpy()),
             }, results.path_for("perceptual.png"), "t", "normalised rate",
                 f"{comps[region].label}: perceptual-based vs generation curve", invert_x=True)
             settings["perceptual"] = {"model": perceptual, "mode": perceptual_mode,

@@ -17,6 +17,7 @@ import torch
 
 from diffgeo.backbones.base import Backbone
 from diffgeo.errors import InputError, ModelNotFoundError
+from diffgeo.hub import looks_like_path, snapshot
 from diffgeo.schedule import alphas_cumprod_from_config, read_scheduler_config
 
 DEFAULT_MODEL = "default"
@@ -52,26 +53,12 @@ def _check_weights(folder: Path, allow_pickle: bool, what: str) -> None:
 
 
 def _hub_download(repo_id: str, allow_pickle: bool, variant: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-
     weights = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
     patterns = list(_HUB_PATTERNS) + [f"*/{weights}.safetensors", f"{weights}.safetensors",
                                       "*/model.safetensors"]
     if allow_pickle:
         patterns += [f"*/{weights}.bin", f"{weights}.bin", "*/pytorch_model.bin"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as e:  # every hub failure becomes one actionable message
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        raise ModelNotFoundError(
-            f"could not load model {repo_id!r}: it is not a local folder, and "
-            + ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
-               if offline else "the Hugging Face Hub could not provide it")
-            + f" ({type(e).__name__}). Either download it where the Hub is reachable (it is then "
-            "cached), or pass the path of a local folder saved with save_pretrained, e.g. "
-            "--model ./my-model. Set HF_HUB_OFFLINE=1 to use only the local cache without "
-            "network access."
-        ) from None
+    return snapshot(repo_id, patterns)
 
 
 def _resolve(name_or_path: str | os.PathLike, allow_pickle: bool, variant: str | None) -> Path:
@@ -88,9 +75,7 @@ def _resolve(name_or_path: str | os.PathLike, allow_pickle: bool, variant: str |
         if not path.is_dir():
             raise InputError(f"model must be a folder, a hub id or 'default'; {path} is a file")
         return path
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name \
-        and name.count("/") != 1
-    if looks_like_path:
+    if looks_like_path(name):
         raise ModelNotFoundError(f"model folder not found: {path}")
     return _hub_download(name, allow_pickle, variant)
 
