@@ -181,10 +181,14 @@ def section_curves(ctx: DemoContext) -> Section:
     subset = ctx.scenes[:n]
     check = C.saliency_check(bb, ctx.images(subset), [s.mask for s in subset], "h",
                              ctx.steps, t_min=t_min, seed=ctx.seed)
+    from diffgeo.plots import saliency_check_figure
+
+    saliency_check_figure(check.salient, check.background,
+                          ctx.results.path_for("saliency-check.png"), f"{n} held-out scenes")
     parts.append(f"<p>Saliency check over {n} held-out scenes (object = salient): the object "
                  f"pixel's curve fluctuates more than a background pixel's in "
                  f"<b>{100 * check.fraction:.0f}%</b> of them (the paper: 86% on CAT2000 with "
-                 "SD 2.1).</p>")
+                 "SD 2.1).</p>" + _img("saliency-check.png", "", width=360))
     return Section("Generation curves and saliency", "".join(parts))
 
 

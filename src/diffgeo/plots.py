@@ -138,3 +138,26 @@ def heatmap_figure(image, values, path: str | Path, title: str = "", alpha: floa
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def saliency_check_figure(salient: Sequence[float], background: Sequence[float],
+                          path: str | Path, title: str = "") -> Path:
+    """Fig. 3 (left): per image, the salient pixel's fluctuation against the background one's;
+    points above the diagonal agree with saliency."""
+    s = np.maximum(np.asarray(salient, dtype=float), 1e-12)
+    b = np.maximum(np.asarray(background, dtype=float), 1e-12)
+    fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=120)
+    agree = s > b
+    ax.scatter(b[agree], s[agree], s=14, color="tab:blue", label=f"salient higher ({agree.sum()})")
+    ax.scatter(b[~agree], s[~agree], s=14, color="tab:red",
+               label=f"background higher ({(~agree).sum()})")
+    lo, hi = min(s.min(), b.min()), max(s.max(), b.max())
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("background pixel fluctuation")
+    ax.set_ylabel("salient pixel fluctuation")
+    ax.legend(frameon=False, fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
