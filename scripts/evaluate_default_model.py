@@ -79,7 +79,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(args.samples, *bb.state_shape, generator=g)
     with torch.no_grad():
-        samples = ddim.generate(bb, noise, top, 50).last.clamp(-1, 1)
+        samples = ddim.generate(bb, noise, top, 50, clip_x0=True).last.clamp(-1, 1)
     rows = int(np.ceil(args.samples / 8))
     grid = np.ones((rows * 34, 8 * 34, 3), np.uint8) * 255
     for i in range(args.samples):
@@ -143,7 +143,8 @@ horizontal flips; evaluation on the {len(scenes)} bundled held-out scenes |
 | saliency check: object pixel fluctuates more than background pixel | \
 {100 * metrics['saliency_agreement']:.0f}% of {len(scenes)} scenes (paper: 86% with SD 2.1) |
 
-Samples (DDIM, 50 steps, seed 0): `samples.png`.
+Samples (DDIM, 50 steps, x̂0 clipped to [-1, 1] as pixel DDPMs are sampled, seed 0):
+`samples.png`.
 
 ![samples](samples.png)
 

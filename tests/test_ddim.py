@@ -355,3 +355,26 @@ def test_ddim_refuses_bad_starts_and_settings(pixel_bb):
         ddim.generate(pixel_bb, torch.zeros(1, 3, 8, 8), t=500, num_steps=10)
     with pytest.raises(InputError, match=r"spacing must be one of"):
         ddim.invert(pixel_bb, x, t=500, num_steps=10, spacing="linspace")
+
+
+def test_clip_x0_keeps_predictions_in_range_and_is_off_by_default(pixel_bb):
+    """With clip_x0 every step's x̂0 lies in [-1, 1] and the step is DDIM on the clamped pair;
+    without it, generation is the plain (invertible) map."""
+    bb = pixel_bb
+    x = torch.randn(2, *bb.state_shape, generator=torch.Generator().manual_seed(5)) * 3
+    plain = ddim.generate(bb, x, 500, 10)
+    assert plain.settings["clip_x0"] is False
+    clipped = ddim.generate(bb, x, 500, 10, clip_x0=True)
+    levels = [None, *ddim.grid_up_to(bb, 500, 10)]
+    state = x
+    for i in range(len(levels) - 1, 0, -1):
+        t, tp = levels[i], levels[i - 1]
+        with torch.no_grad():
+            eps = bb.eps(state, t)
+        ab = ddim.alpha_bar(bb, t)
+        x0 = ((state - (1 - ab) ** 0.5 * eps) / ab**0.5).clamp(-1, 1)
+        abp = ddim.alpha_bar(bb, tp)
+        state = abp**0.5 * x0 + (1 - abp) ** 0.5 * (state - ab**0.5 * x0) / (1 - ab) ** 0.5
+    assert torch.allclose(clipped.last, state, atol=1e-5)
+    assert clipped.last.abs().max() <= 1 + 1e-5  # the last step lands on x̂0 itself
+    assert not torch.allclose(clipped.last, plain.last)

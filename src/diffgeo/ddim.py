@@ -200,11 +200,16 @@ def invert(backbone: Backbone, x0: torch.Tensor, t: int = 700, num_steps: int = 
 @torch.no_grad()
 def generate(backbone: Backbone, xt: torch.Tensor, t: int = 700, num_steps: int = 50,
              cond: Conditioning | None = None, *, eta: float = 0.0,
-             generator: torch.Generator | None = None, spacing: str = "leading",
-             offset: int = 0, progress: bool = False) -> Trajectory:
+             generator: torch.Generator | None = None, clip_x0: bool = False,
+             spacing: str = "leading", offset: int = 0, progress: bool = False) -> Trajectory:
     """DDIM generation from x_t at grid timestep t down to the clean level.
 
     ``eta`` > 0 adds DDIM's stochastic term (needs an explicit ``generator``: no hidden RNG).
+    ``clip_x0`` clamps x̂0 to [-1, 1] at every step and recomputes ε from the clamped x̂0, so the
+    step stays a DDIM step of a consistent (x̂0, ε) pair. Pixel DDPMs are sampled this way
+    (their schedulers set clip_sample); without it an imperfect model's x̂0 overshoots at high
+    noise and samples saturate. Leave it off for inversion round trips, curves and edits: it
+    makes generation non-invertible.
     """
     _check_start(backbone, xt, "xt")
     if eta < 0:
@@ -219,6 +224,10 @@ def generate(backbone: Backbone, xt: torch.Tensor, t: int = 700, num_steps: int 
     for i in tqdm(range(len(grid), 0, -1), desc="generate", disable=not progress, leave=False):
         t_from, t_to = levels[i], levels[i - 1]
         eps = backbone.eps(x, t_from, cond)
+        if clip_x0:
+            ab_t = alpha_bar(backbone, t_from)
+            x0_pred = ((x - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5).clamp(-1, 1)
+            eps = (x - ab_t**0.5 * x0_pred) / (1 - ab_t) ** 0.5
         if eta == 0:
             x = ddim_step(backbone, x, t_from, t_to, eps)
         else:
@@ -230,7 +239,8 @@ def generate(backbone: Backbone, xt: torch.Tensor, t: int = 700, num_steps: int 
             x = ab_prev**0.5 * x0_pred + (1 - ab_prev - sigma**2) ** 0.5 * eps + sigma * noise
         times.append(t_to)
         states.append(x)
-    settings = dict(t=t, num_steps=num_steps, eta=eta, spacing=spacing, offset=offset)
+    settings = dict(t=t, num_steps=num_steps, eta=eta, clip_x0=clip_x0, spacing=spacing,
+                    offset=offset)
     return Trajectory(times, states, "generation", settings)
 
 

@@ -67,15 +67,16 @@ def section_samples(ctx: DemoContext) -> Section:
     noise = torch.randn(n, *bb.state_shape, generator=g).to(bb.device, bb.dtype)
     t_top = ddim.ddim_grid(bb.num_train_timesteps, ctx.steps)[-1]
     with torch.no_grad():
-        out = ddim.generate(bb, noise, t_top, ctx.steps).last
+        out = ddim.generate(bb, noise, t_top, ctx.steps, clip_x0=bb.kind == "pixel").last
         images = bb.to_image(out).float().cpu()
     per_row = 8
     rows = [list(images[i:i + per_row]) for i in range(0, n, per_row)]
     for r, row in enumerate(rows):
         ctx.results.save_strip(f"samples-{r}.png", [x[None] for x in row])
     imgs = "".join(_img(f"samples-{r}.png", "", width=per_row * 96) for r in range(len(rows)))
-    return Section("Samples", f"<p>{n} samples, DDIM {ctx.steps} steps from t={t_top}, seed "
-                   f"{ctx.seed}.</p>{imgs}")
+    clip = ", x̂0 clipped to [-1, 1]" if bb.kind == "pixel" else ""
+    return Section("Samples", f"<p>{n} samples, DDIM {ctx.steps} steps from t={t_top}{clip}, "
+                   f"seed {ctx.seed}.</p>{imgs}")
 
 
 def section_inversion(ctx: DemoContext) -> Section:
