@@ -1,0 +1,22 @@
+"""Editing methods over a Backbone; each returns a result dataclass with the settings used."""
+
+from diffgeo.editing.rbe import (
+    Directions,
+    EditResult,
+    Locality,
+    apply_direction,
+    asymmetric_step,
+    directions_at,
+    discover_directions,
+    edit_locality,
+    global_directions,
+    masked_response,
+    project_out,
+    state_mask,
+)
+
+__all__ = [
+    "Directions", "EditResult", "Locality", "apply_direction", "asymmetric_step",
+    "directions_at", "discover_directions", "edit_locality", "global_directions",
+    "masked_response", "project_out", "state_mask",
+]
