@@ -283,3 +283,36 @@ def test_train_verb_runs_and_resumes_the_default_model(cli, tmp_path):
 def test_train_verb_bad_preset(cli, tmp_path):
     _assert_user_error(_invoke(cli, ["train", "--preset", "nope", "--out", tmp_path / "r"]),
                        "preset must be one of")
+
+
+def test_info_and_invert_on_a_tiny_stable_diffusion_folder(cli, sd_path, tmp_path):
+    """The latent path end to end through the CLI: VAE posterior mean in, VAE decode out."""
+    import numpy as np
+    from PIL import Image
+
+    r = cli.invoke(app, ["info", str(sd_path), "--json"], env=ENV)
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output[r.output.index("{"):])
+    assert info["kind"] == "latent" and info["image_size"] == [16, 16]
+    assert info["state_shape"] == [4, 8, 8]
+    img = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((20, 24, 3)) * 255).astype("uint8")).save(img)
+    out = tmp_path / "sd-invert"
+    r = cli.invoke(app, ["invert", str(img), "--model", str(sd_path), "--t", "500",
+                            "--steps", "10", "--fit", "crop", "--exact", "--out", str(out)], env=ENV)
+    assert r.exit_code == 0, r.output
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["model_summary"]["kind"] == "latent"
+    plain_out = tmp_path / "sd-invert-plain"
+    r = cli.invoke(app, ["invert", str(img), "--model", str(sd_path), "--t", "500",
+                         "--steps", "10", "--fit", "crop", "--out", str(plain_out)], env=ENV)
+    assert r.exit_code == 0, r.output
+    plain = json.loads((plain_out / "settings.json").read_text())
+    # An untrained U-Net's ε is not contractive enough for the fixed point to converge at every
+    # step (its residuals are reported), yet exact inversion still lands far closer: measured
+    # 0.13 vs 0.85 max latent error.
+    assert settings["state_max_error"] < 0.5 * plain["state_max_error"]
+    assert len(settings["exact_residuals"]) == len(settings["grid"])
+    assert np.isfinite(settings["psnr"]) and np.isfinite(settings["psnr_autoencoder_ceiling"])
+    states = np.load(out / "trajectory.npz")["states"]
+    assert states.shape[1:] == (1, 4, 8, 8)
