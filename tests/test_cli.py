@@ -298,8 +298,8 @@ def test_info_and_invert_on_a_tiny_stable_diffusion_folder(cli, sd_path, tmp_pat
     img = tmp_path / "in.png"
     Image.fromarray((np.random.default_rng(0).random((20, 24, 3)) * 255).astype("uint8")).save(img)
     out = tmp_path / "sd-invert"
-    r = cli.invoke(app, ["invert", str(img), "--model", str(sd_path), "--t", "500",
-                            "--steps", "10", "--fit", "crop", "--exact", "--out", str(out)], env=ENV)
+    r = cli.invoke(app, ["invert", str(img), "--model", str(sd_path), "--t", "500", "--steps",
+                         "10", "--fit", "crop", "--exact", "--out", str(out)], env=ENV)
     assert r.exit_code == 0, r.output
     settings = json.loads((out / "settings.json").read_text())
     assert settings["model_summary"]["kind"] == "latent"
