@@ -104,10 +104,26 @@ def main() -> None:
     metrics["saliency_agreement"] = check.fraction
     metrics["saliency_scenes"] = len(check.salient)
     print("saliency agreement", metrics["saliency_agreement"], flush=True)
+    log = folder / "train_log.csv"
+    loss_md = ""
+    if log.is_file():
+        import csv
+
+        from diffgeo.plots import line_plot
+
+        rows = list(csv.DictReader(log.open()))
+        line_plot([int(r["step"]) for r in rows], {"loss (running mean)": [
+            float(r["loss"]) for r in rows]}, folder / "loss.png", "step",
+            "min-SNR-weighted ε MSE", "training loss", logy=True)
+        loss_md = "\nTraining loss: `loss.png` (log: `train_log.csv`).\n"
     metrics["evaluation_seconds"] = round(time.time() - start, 1)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     train_time = (f"{args.train_seconds / 3600:.1f} h" if args.train_seconds else "see log")
+    planned = int(cfg.get("steps", card["total_steps"]))
+    stopped = ("" if card["total_steps"] >= planned else
+               f" (stopped at step {card['total_steps']} of a planned {planned}-step cosine "
+               "schedule; `diffgeo train --resume default` continues it)")
     text = f"""# diffgeo default model
 
 A small pixel-space DDPM that ships inside diffgeo so that every feature runs offline on a CPU.
@@ -124,7 +140,7 @@ block, GroupNorm with {bb.unet.config.norm_num_groups} groups |
 horizontal flips; evaluation on the {len(scenes)} bundled held-out scenes |
 | training | {card['total_steps']} steps of batch {cfg['batch_size']}, AdamW lr {cfg['lr']} \
 (warm-up {cfg['warmup_steps']}, {cfg['lr_schedule']} to {cfg['min_lr_ratio']}x), min-SNR-γ \
-{cfg['min_snr_gamma']}, EMA {cfg['ema_decay']} |
+{cfg['min_snr_gamma']}, EMA {cfg['ema_decay']}{stopped} |
 | hardware, time | {args.hardware}, {train_time} |
 | weights | `unet/diffusion_pytorch_model.safetensors` (EMA) |
 
@@ -140,6 +156,8 @@ horizontal flips; evaluation on the {len(scenes)} bundled held-out scenes |
 {metrics[f'psnr_t{top}_exact_mean_iterations']:.1f} |
 | nearest-training-neighbour RMS distance, samples / held-out scenes (median) | \
 {metrics['nn_rms_samples_median']:.4f} / {metrics['nn_rms_heldout_median']:.4f} |
+| closest sample to any training image (RMS; a copy would be near 0) | \
+{metrics['nn_rms_samples_min']:.4f} |
 | saliency check: object pixel fluctuates more than background pixel | \
 {100 * metrics['saliency_agreement']:.0f}% of {len(scenes)} scenes (paper: 86% with SD 2.1) |
 
@@ -148,6 +166,7 @@ Samples (DDIM, 50 steps, x̂0 clipped to [-1, 1] as pixel DDPMs are sampled, see
 
 ![samples](samples.png)
 
+{loss_md}
 Continue training with `diffgeo train --resume default --steps N --out runs/more`.
 """
     (folder / "README.md").write_text(text)
