@@ -9,8 +9,10 @@ The method (the RBE paper, Eq. 11-14, with Asyrp's editing process):
    (mid-block output) replaced by h. The encoder does not depend on h, so f is the *decoder* run
    on the encoder's cached skip tensors (``Backbone.encode`` once, then ``decode(enc, h)``,
    converted to ε with ``to_eps``) — the same function the authors' code evaluates with a full
-   U-Net pass per product and a hook on the mid block, at about half the cost
-   (``benchmarks/rbe_discovery.py``).
+   U-Net pass per product and a hook on the mid block. The saving is the encoder's forward pass
+   per product (no tangent flows through it either way): 15-17% of a discovery on the default
+   32x32 model, one CPU thread (``benchmarks/rbe_discovery.py``); more where the encoder is a
+   larger share of the network.
 3. **Masked Jacobians** (Eq. 11-12). J_M = ∂(M ⊙ ε)/∂h and J_U = ∂((1 - M) ⊙ ε)/∂h, with M the
    region mask on the *state* grid. Rule: the image mask (1 = region) is area-averaged onto the
    state's spatial grid (``F.interpolate(mode="area")``; the identity for pixel models, an 8x8
