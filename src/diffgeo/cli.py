@@ -205,6 +205,103 @@ def saliency_map_cmd(
                f"{res['relative_std_per_cell']:.3f}); wrote {out}/")
 
 
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals:
+        from diffgeo.errors import InputError
+
+        raise InputError(f"{name} must be comma-separated numbers like -30,0,30, got {text!r}")
+    return vals
+
+
+@app.command()
+@friendly_errors
+def directions(
+    image: Path = typer.Argument(..., help="Image whose region to find directions for."),
+    mask: Path | None = typer.Option(None, help="Region mask image (white = region)."),
+    box: str | None = typer.Option(None, help="Rectangular region r0,c0,r1,c1 (end exclusive), "
+                                   "in input-image pixels."),
+    t: int = typer.Option(500, "--t", help="Discovery timestep (on the DDIM grid)."),
+    steps: int = typer.Option(40, help="DDIM steps over the full 0..T-1 range (the grid)."),
+    k: int = typer.Option(3, help="Number of directions."),
+    project: str = typer.Option("leading", help="Eq. 14 projection against the unmasked "
+                                "region: leading (the paper), subspace (its top-k), none."),
+    preview: str = typer.Option("-30,0,30", help="Strengths of the preview strip per "
+                                "direction."),
+    model: str = typer.Option("default", help=MODEL_HELP),
+    prompt: str = typer.Option("", help="Text prompt (conditional models)."),
+    fit: str | None = typer.Option(None, help=FIT_HELP),
+    out: Path = typer.Option(Path("out/directions"), help="Output folder."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """Region-based editing: unsupervised h-space directions that change a masked region (power
+    iteration on the masked Jacobian, projected against the rest); saves them and a preview
+    strip per direction."""
+    from diffgeo.io import parse_box
+    from diffgeo.runs import directions_for_image
+
+    res = directions_for_image(
+        image, model=model, mask=mask, box=parse_box(box) if box else None, t=t,
+        num_steps=steps, k=k, project=project, preview=_floats(preview, "--preview"),
+        prompt=prompt, fit=fit, out=out, device=device, dtype=dtype, seed=seed, force=force,
+        progress=True)
+    typer.echo("singular values: " + ", ".join(f"{v:.4g}" for v in res["singular_values"]))
+    typer.echo(f"wrote {out}/ (use --directions {out}/directions)")
+
+
+@app.command()
+@friendly_errors
+def apply(
+    image: Path = typer.Argument(..., help="Image to edit."),
+    directions_dir: Path = typer.Option(..., "--directions", help="A directions folder written "
+                                        "by `diffgeo directions` (DIR/directions)."),
+    index: int = typer.Option(0, help="Which direction."),
+    strength: str = typer.Option("-30,0,30", help="Edit strengths α, comma-separated."),
+    mode: str = typer.Option("x0", help="x0: inject into the x̂0-prediction term only "
+                             "(Asyrp, as the paper states); replace: edited ε in both terms "
+                             "(the authors' released code)."),
+    window: str | None = typer.Option(None, help="Edited timesteps t_low,t_high (default: from "
+                                      "the discovery timestep down to 0)."),
+    eta: float = typer.Option(0.0, help="Stochastic DDIM below the window (needs --seed)."),
+    mask: Path | None = typer.Option(None, help="Region for the inside/outside change report "
+                                     "(default: the discovery mask)."),
+    model: str = typer.Option("default", help=MODEL_HELP),
+    prompt: str = typer.Option("", help="Text prompt (conditional models)."),
+    fit: str | None = typer.Option(None, help=FIT_HELP),
+    out: Path = typer.Option(Path("out/apply"), help="Output folder."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """Edit IMAGE along a discovered h-space direction at several strengths; writes a strip
+    and the change inside vs outside the region."""
+    from diffgeo.runs import apply_for_image
+
+    win = None
+    if window is not None:
+        w = _floats(window, "--window")
+        if len(w) != 2:
+            from diffgeo.errors import InputError
+
+            raise InputError(f"--window must be t_low,t_high, got {window!r}")
+        win = (int(w[0]), int(w[1]))
+    res = apply_for_image(image, directions=directions_dir, model=model, index=index,
+                          strengths=_floats(strength, "--strength"), mode=mode, window=win,
+                          eta=eta, mask=mask, prompt=prompt, fit=fit, out=out, device=device,
+                          dtype=dtype, seed=seed, force=force, progress=True)
+    for loc in res.get("locality", []):
+        typer.echo(f"α={loc['strength']:+g}: MSE inside {loc['mse_inside']:.3g}, outside "
+                   f"{loc['mse_outside']:.3g}")
+    typer.echo(f"wrote {out}/")
+
+
 @app.command()
 @friendly_errors
 def train(

@@ -193,8 +193,46 @@ def section_curves(ctx: DemoContext) -> Section:
     return Section("Generation curves and saliency", "".join(parts))
 
 
+def section_rbe(ctx: DemoContext) -> Section:
+    """Region-based editing: directions for the object region of a scene and their strips."""
+    from diffgeo.editing.rbe import apply_direction, discover_directions, global_directions
+
+    bb = ctx.backbone
+    scene = ctx.scenes[1 % len(ctx.scenes)]
+    x = ctx.images([scene])
+    steps = 10 if ctx.quick else 40
+    k = 2 if ctx.quick else 3
+    t = 500
+    with torch.no_grad():
+        state = bb.to_state(x)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    dirs = discover_directions(bb, state, scene.mask, t=t, num_steps=steps, k=k, generator=gen)
+    glob = global_directions(bb, state, t=t, num_steps=steps, k=1,
+                             generator=torch.Generator().manual_seed(ctx.seed))
+    strengths = [-30.0, -15.0, 15.0, 30.0]
+    rows, ratios = [], []
+    for i in range(dirs.k):
+        edit = apply_direction(bb, state, dirs, i, strengths)
+        ctx.results.save_strip(f"rbe-{i}.png", [im.float().cpu() for im in edit.strip()])
+        loc = edit.locality(torch.from_numpy(scene.mask))
+        ratios.append(loc[-1].ratio)
+        rows.append(_img(f"rbe-{i}.png", f"direction {i} (σ={dirs.singular_values[i]:.3g}): "
+                         f"α = 0, {', '.join(f'{a:+g}' for a in strengths)}", width=480))
+    gedit = apply_direction(bb, state, glob, 0, strengths)
+    ctx.results.save_strip("rbe-global.png", [im.float().cpu() for im in gedit.strip()])
+    gloc = gedit.locality(torch.from_numpy(scene.mask))[-1]
+    rows.append(_img("rbe-global.png", "global direction (no mask), same strengths", width=480))
+    text = (f"<p>Directions in the U-Net bottleneck h for the object region, found at t={t} "
+            f"({steps}-step grid) by power iteration on the masked Jacobian ∂(M⊙ε)/∂h through the "
+            "decoder only, projected against the unmasked region's leading direction (Eq. 14), "
+            "and applied to the x̂0-prediction term only (Asyrp). Change inside / outside the "
+            f"object at α=+30: {', '.join(f'{r:.1f}×' for r in ratios)} for the region "
+            f"directions, {gloc.ratio:.1f}× for the global one.</p>")
+    return Section("Region-based editing (h-space directions)", text + "".join(rows))
+
+
 SECTIONS: list[Callable[[DemoContext], Section]] = [
-    section_model, section_samples, section_inversion, section_curves,
+    section_model, section_samples, section_inversion, section_curves, section_rbe,
 ]
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;

@@ -307,3 +307,127 @@ def saliency_for_image(image: str | Path, *, model: str | Backbone = "default",
     settings["maps"] = maps
     settings["saliency"] = sal
     return settings
+
+
+def _region_mask(bb: Backbone, fit_info, mask: str | Path | None,
+                 box: Sequence[int] | None) -> torch.Tensor:
+    """A (1, 1, H, W) region at model resolution from --mask or --box (input-image pixels)."""
+    from diffgeo.io import box_mask, fit_tensor, load_mask
+
+    if (mask is None) == (box is None):
+        raise InputError("give exactly one region: --mask FILE or --box r0,c0,r1,c1")
+    if mask is not None:
+        return load_mask(mask, bb.image_size, fit_info, input_size=fit_info.in_size)
+    m, _ = fit_tensor(box_mask(box, fit_info.in_size), bb.image_size, fit_info, is_mask=True)
+    return m
+
+
+def _strip_with_locality(results, name: str, edit, region: torch.Tensor) -> list[dict]:
+    results.save_strip(name, [im.float().cpu() for im in edit.strip()])
+    return [dict(strength=a, **loc.__dict__)
+            for a, loc in zip(edit.strengths, edit.locality(region.cpu()), strict=True)]
+
+
+def directions_for_image(image: str | Path, *, model: str | Backbone = "default",
+                         mask: str | Path | None = None, box: Sequence[int] | None = None,
+                         t: int = 500, num_steps: int = 40, k: int = 3,
+                         project: str = "leading", preview: Sequence[float] = (-30, 0, 30),
+                         prompt: str = "", fit: str | None = None,
+                         out: str | Path | None = None, device: str = "cpu",
+                         dtype: str = "float32", seed: int = 0, force: bool = False,
+                         progress: bool = False) -> dict[str, Any]:
+    """RBE: discover h-space directions for a region of an image file and preview each one.
+
+    Writes directions/ (safetensors + JSON, for ``apply_for_image``), direction-I.png (the
+    reconstruction, then one edit per preview strength) and settings.json with singular values
+    and each preview's change inside vs outside the region.
+    """
+    from diffgeo.editing.rbe import apply_direction, discover_directions
+    from diffgeo.io import ResultDir
+
+    bb = as_backbone(model, device, dtype)
+    results = ResultDir(out, force=force, protect=[Path(image)]) if out is not None else None
+    if results is not None:
+        results.path_for("settings.json")
+        for i in range(k):
+            results.path_for(f"direction-{i}.png")
+    x, fit_info, cond = _prepare_image(bb, image, fit, prompt)
+    region = _region_mask(bb, fit_info, mask, box)
+    with torch.no_grad():
+        state = bb.to_state(x)
+    dirs = discover_directions(bb, state, region[0, 0], t=t, num_steps=num_steps, k=k,
+                               project_against=project, cond=cond,
+                               generator=torch.Generator().manual_seed(seed), progress=progress)
+    settings: dict[str, Any] = {
+        "verb": "directions", "image": str(image), "model": bb.name or str(model), "t": t,
+        "num_steps": num_steps, "k": k, "project": project, "preview": list(preview),
+        "prompt": prompt, "fit": fit_info.to_dict(), "device": device, "dtype": dtype,
+        "seed": seed, "singular_values": dirs.singular_values.tolist(),
+        "discovery": dirs.settings, "environment": environment(),
+    }
+    if results is not None:
+        dirs.save(results.path / "directions", force=force)
+        previews = []
+        for i in range(dirs.k):
+            edit = apply_direction(bb, state, dirs, i, list(preview), cond=cond,
+                                   progress=progress)
+            previews.append(_strip_with_locality(results, f"direction-{i}.png", edit, region))
+        settings["previews"] = previews
+        results.save_json("settings.json", settings)
+    settings["directions"] = dirs
+    return settings
+
+
+def apply_for_image(image: str | Path, *, directions: str | Path,
+                    model: str | Backbone = "default", index: int = 0,
+                    strengths: Sequence[float] = (-30, 0, 30), mode: str = "x0",
+                    window: tuple[int, int] | None = None, eta: float = 0.0,
+                    mask: str | Path | None = None, prompt: str = "", fit: str | None = None,
+                    out: str | Path | None = None, device: str = "cpu",
+                    dtype: str = "float32", seed: int = 0, force: bool = False,
+                    progress: bool = False) -> dict[str, Any]:
+    """RBE: edit an image along a saved direction at several strengths (Asyrp-style).
+
+    Writes result.png (reconstruction, then one image per strength), edit-J.png per strength,
+    and settings.json with each edit's change inside vs outside the region (the discovery mask,
+    or --mask).
+    """
+    from diffgeo.editing.rbe import Directions, apply_direction
+    from diffgeo.io import ResultDir, load_mask
+
+    bb = as_backbone(model, device, dtype)
+    dirs = Directions.load(directions)
+    results = ResultDir(out, force=force, protect=[Path(image)]) if out is not None else None
+    if results is not None:
+        for name in ("result.png", "settings.json"):
+            results.path_for(name)
+    x, fit_info, cond = _prepare_image(bb, image, fit, prompt)
+    with torch.no_grad():
+        state = bb.to_state(x)
+    gen = torch.Generator().manual_seed(seed) if eta > 0 else None
+    edit = apply_direction(bb, state, dirs, index, list(strengths), window=window, mode=mode,
+                           eta=eta, generator=gen, cond=cond, progress=progress)
+    if mask is not None:
+        region = load_mask(mask, bb.image_size, fit_info, input_size=fit_info.in_size)
+    elif dirs.mask is not None:
+        region = torch.nn.functional.interpolate(dirs.mask[None, None].float(),
+                                                 size=tuple(bb.image_size), mode="nearest")
+    else:
+        region = None
+    settings: dict[str, Any] = {
+        "verb": "apply", "image": str(image), "directions": str(directions),
+        "model": bb.name or str(model), "index": index, "strengths": list(strengths),
+        "mode": mode, "window": list(edit.window), "eta": eta, "prompt": prompt,
+        "fit": fit_info.to_dict(), "device": device, "dtype": dtype, "seed": seed,
+        "edited_timesteps": edit.edited_timesteps, "environment": environment(),
+    }
+    if results is not None:
+        if region is not None:
+            settings["locality"] = _strip_with_locality(results, "result.png", edit, region)
+        else:
+            results.save_strip("result.png", [im.float().cpu() for im in edit.strip()])
+        for j, im in enumerate(edit.images):
+            results.save_image(f"edit-{j}.png", im[None].float().cpu())
+        results.save_json("settings.json", settings)
+    settings["edit"] = edit
+    return settings
