@@ -505,3 +505,36 @@ def test_directions_from_another_model_are_refused(tiny, small64, oracle_dirs):
         apply_direction(tiny, _image(tiny, 0), oracle_dirs["leading"], 0, [1.0])
     with pytest.raises(InputError, match="Directions object"):
         apply_direction(small64, _image(small64, 0), oracle_dirs["leading"].vectors, 0, [1.0])
+
+
+def test_rediscover_reproduces_a_direction_that_does_not_move():
+    """On the linear Gaussian, ∂(M ⊙ ε)/∂h = diag(M)·Q at every timestep; a soft mask with
+    distinct weights gives distinct singular values, so the re-found direction at every step is
+    the discovered one and the edit must equal the fixed-direction edit."""
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    bb = linear_gaussian(torch.zeros(16), A @ A.T / 16, ac, state_shape=(1, 4, 4))
+    m = torch.zeros(4, 4, dtype=torch.float64)
+    m[0, 0], m[0, 1], m[1, 0], m[1, 1] = 0.9, 0.7, 0.5, 0.3
+    x0 = torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64)
+    d = discover_directions(bb, x0, m, t=500, num_steps=10, k=2, tol=1e-12, max_iter=2000)
+    fixed = apply_direction(bb, x0, d, 0, [0.5], num_steps=10)
+    moving = apply_direction(bb, x0, d, 0, [0.5], num_steps=10, rediscover=True)
+    align = moving.settings["rediscover_alignment"]
+    assert len(align) == len(moving.edited_timesteps) and min(align) > 1 - 1e-8
+    assert torch.allclose(moving.states, fixed.states, atol=1e-8)
+
+
+def test_rediscover_on_a_unet_tracks_and_keeps_zero_strength_exact(tiny, tiny_dirs):
+    x0, dirs = tiny_dirs
+    res = apply_direction(tiny, x0, dirs["rbe"], 0, [0.0, 0.3], window=(400, T),
+                          rediscover=True)
+    align = res.settings["rediscover_alignment"]
+    assert len(align) == len(res.edited_timesteps) >= 2
+    assert all(0.0 <= a <= 1.0 + 1e-6 for a in align)
+    plain = ddim.generate(tiny, ddim.invert(tiny, x0, T, STEPS).last, T, STEPS).last
+    assert torch.equal(res.states[0:1], plain)
+    fixed = apply_direction(tiny, x0, dirs["rbe"], 0, [0.3], window=(400, T))
+    # the re-found directions differ from the discovery one away from t_edit, so must the edit
+    assert not torch.allclose(res.states[1], fixed.states[0])

@@ -271,6 +271,8 @@ def apply(
     eta: float = typer.Option(0.0, help="Stochastic DDIM below the window (needs --seed)."),
     mask: Path | None = typer.Option(None, help="Region for the inside/outside change report "
                                      "(default: the discovery mask)."),
+    rediscover: bool = typer.Option(False, help="Re-find the directions at every edited step "
+                                    "(on the unedited path) and follow the chosen one."),
     model: str = typer.Option("default", help=MODEL_HELP),
     prompt: str = typer.Option("", help="Text prompt (conditional models)."),
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -294,7 +296,8 @@ def apply(
         win = (int(w[0]), int(w[1]))
     res = apply_for_image(image, directions=directions_dir, model=model, index=index,
                           strengths=_floats(strength, "--strength"), mode=mode, window=win,
-                          eta=eta, mask=mask, prompt=prompt, fit=fit, out=out, device=device,
+                          eta=eta, mask=mask, rediscover=rediscover, prompt=prompt, fit=fit,
+                          out=out, device=device,
                           dtype=dtype, seed=seed, force=force, progress=True)
     for loc in res.get("locality", []):
         typer.echo(f"α={loc['strength']:+g}: MSE inside {loc['mse_inside']:.3g}, outside "

@@ -382,7 +382,8 @@ def apply_for_image(image: str | Path, *, directions: str | Path,
                     model: str | Backbone = "default", index: int = 0,
                     strengths: Sequence[float] = (-30, 0, 30), mode: str = "x0",
                     window: tuple[int, int] | None = None, eta: float = 0.0,
-                    mask: str | Path | None = None, prompt: str = "", fit: str | None = None,
+                    mask: str | Path | None = None, rediscover: bool = False,
+                    prompt: str = "", fit: str | None = None,
                     out: str | Path | None = None, device: str = "cpu",
                     dtype: str = "float32", seed: int = 0, force: bool = False,
                     progress: bool = False) -> dict[str, Any]:
@@ -406,7 +407,8 @@ def apply_for_image(image: str | Path, *, directions: str | Path,
         state = bb.to_state(x)
     gen = torch.Generator().manual_seed(seed) if eta > 0 else None
     edit = apply_direction(bb, state, dirs, index, list(strengths), window=window, mode=mode,
-                           eta=eta, generator=gen, cond=cond, progress=progress)
+                           eta=eta, generator=gen, cond=cond, rediscover=rediscover,
+                           progress=progress)
     if mask is not None:
         region = load_mask(mask, bb.image_size, fit_info, input_size=fit_info.in_size)
     elif dirs.mask is not None:
@@ -419,7 +421,9 @@ def apply_for_image(image: str | Path, *, directions: str | Path,
         "model": bb.name or str(model), "index": index, "strengths": list(strengths),
         "mode": mode, "window": list(edit.window), "eta": eta, "prompt": prompt,
         "fit": fit_info.to_dict(), "device": device, "dtype": dtype, "seed": seed,
-        "edited_timesteps": edit.edited_timesteps, "environment": environment(),
+        "edited_timesteps": edit.edited_timesteps, "rediscover": rediscover,
+        "rediscover_alignment": edit.settings.get("rediscover_alignment", []),
+        "environment": environment(),
     }
     if results is not None:
         if region is not None:

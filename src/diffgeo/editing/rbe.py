@@ -649,7 +649,8 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
                     num_steps: int | None = None, mode: str = "x0", eta: float = 0.0,
                     generator: torch.Generator | None = None,
                     cond: Conditioning | None = None, spacing: str = "leading",
-                    offset: int = 0, progress: bool = False) -> EditResult:
+                    offset: int = 0, rediscover: bool = False,
+                    progress: bool = False) -> EditResult:
     """Edit the image ``x0`` (clean state, batch 1) along ``directions.vectors[index]``.
 
     Inverts x0 to ``t_edit`` (default: the discovery timestep) on the ``num_steps`` grid
@@ -661,6 +662,13 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
     DDIM; those below t_low use ``eta`` (> 0 needs ``generator``; every strength replays the
     same noise, so strengths differ only by the edit). α = 0 reproduces ``ddim.generate``
     exactly. One generation per strength plus one for the reconstruction (α = 0).
+
+    ``rediscover=True`` re-finds the directions at every edited timestep, on the unedited
+    generation path (the reconstruction's states), with the discovery's mask and settings; the
+    direction used at each step is the one most aligned with the previous step's (starting from
+    ``directions.vectors[index]``), sign-matched to it, so one edit follows one direction as it
+    moves. Costs one discovery per edited step; ``settings["rediscover_alignment"]`` records
+    |cos| between consecutive steps' directions.
     """
     _require_h(backbone)
     x0 = _check_x0(backbone, x0, "x0")
@@ -709,8 +717,10 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
     levels: list[int | None] = [None, *grid]
     rng_state = generator.get_state() if (stochastic and generator is not None) else None
 
+    per_step: dict[int, torch.Tensor] = {}
+
     @torch.no_grad()
-    def run(alpha: float) -> torch.Tensor:
+    def run(alpha: float, record: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         if rng_state is not None and generator is not None:
             generator.set_state(rng_state)
         x = xt
@@ -719,9 +729,12 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
             t_from, t_to = levels[i], levels[i - 1]
             assert t_from is not None
             if lo <= t_from <= hi:
+                if record is not None:
+                    record[t_from] = x
                 enc = backbone.encode(x, t_from, cond)
                 eps_orig = backbone.to_eps(backbone.decode(enc, enc.h), enc.x, enc.timesteps)
-                eps_edit = backbone.to_eps(backbone.decode(enc, enc.h + alpha * v), enc.x,
+                vt = per_step.get(t_from, v)
+                eps_edit = backbone.to_eps(backbone.decode(enc, enc.h + alpha * vt), enc.x,
                                            enc.timesteps)
                 if mode == "replace":
                     eps_orig = eps_edit
@@ -740,11 +753,16 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
                 x = ddim.ddim_step(backbone, x, t_from, t_to, eps)
         return x
 
-    recon_state = run(0.0)
+    path: dict[int, torch.Tensor] = {}
+    recon_state = run(0.0, record=path)
+    alignment: list[float] = []
+    if rediscover:
+        per_step.update(_track_directions(backbone, path, directions, v, cond, alignment))
     states = torch.cat([run(a) for a in alphas])
     settings: dict[str, Any] = dict(
         index=index, strengths=alphas, t_edit=t_edit, num_steps=num_steps, window=[lo, hi],
         mode=mode, eta=eta, spacing=spacing, offset=offset, edited_steps=len(edited),
+        rediscover=rediscover, rediscover_alignment=alignment,
         seed=generator.initial_seed() if generator is not None else None,
         directions=dict(kind=directions.settings.get("kind"),
                         project_against=directions.settings.get("project_against"),
@@ -756,6 +774,34 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
         timestep=t_edit, window=(lo, hi), mode=mode, edited_timesteps=edited,
         settings=settings,
     )
+
+
+def _track_directions(backbone: Backbone, path: dict[int, torch.Tensor], directions: Directions,
+                      v: torch.Tensor, cond: Conditioning | None,
+                      alignment: list[float]) -> dict[int, torch.Tensor]:
+    """Directions re-found at each state of ``path`` (descending t), following ``v``."""
+    s = directions.settings
+    mask = None
+    if directions.mask is not None:  # back to image resolution (exact under area averaging)
+        mask = F.interpolate(directions.mask.reshape(1, 1, *directions.mask.shape[-2:]).float(),
+                             size=tuple(backbone.image_size), mode="nearest")[0, 0]
+    prev = v.flatten()
+    out: dict[int, torch.Tensor] = {}
+    for t in sorted(path, reverse=True):
+        found = directions_at(
+            backbone, path[t], t, mask, k=directions.k,
+            project_against=s.get("project_against", "leading") if mask is not None else "none",
+            cond=cond, max_iter=int(s.get("max_iter", 50)), tol=float(s.get("tol", 1e-4)),
+            oversample=int(s.get("oversample", 0) or 0), power_passes=s.get("power_passes"),
+            generator=torch.Generator().manual_seed(int(s.get("seed", 0) or 0)))
+        cands = found.vectors.to(device=prev.device, dtype=prev.dtype).flatten(1)
+        cos = cands @ prev / (cands.norm(dim=1) * prev.norm()).clamp_min(1e-30)
+        j = int(cos.abs().argmax())
+        chosen = cands[j] * (1.0 if float(cos[j]) >= 0 else -1.0)
+        alignment.append(float(cos[j].abs()))
+        out[t] = chosen.reshape(v.shape)
+        prev = chosen
+    return out
 
 
 # ---------------------------------------------------------------------------------- metrics
