@@ -205,3 +205,34 @@ def sd_v_bb(sd_v_path):
     from diffgeo.backbones import load_backbone
 
     return load_backbone(sd_v_path)
+
+
+# ------------------------------------------------------------------ CLI test inputs (shared)
+@pytest.fixture(scope="session")
+def cli():
+    from typer.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """An untrained tiny-16 pixel model folder (seeded: every run sees the same weights)."""
+    from diffgeo.train import build_unet, export_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = build_unet("tiny-16")
+    return export_model(unet, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def image(tmp_path_factory) -> Path:
+    """A 20x30 (HxW) RGB PNG: not the model's size, so --fit is needed."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path)
+    return path

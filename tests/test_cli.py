@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import typer
 from PIL import Image
 from typer.testing import CliRunner
 
 from diffgeo.cli import app
 from diffgeo.runs import invert_image
-from diffgeo.train import build_unet, export_model
+from diffgeo.train import build_unet
 
 VERBS = ("info", "invert", "train", "demo")
 INVERT_FILES = ("input.png", "reconstruction.png", "trajectory.png", "trajectory.npz",
@@ -29,31 +28,8 @@ INVERT_FILES = ("input.png", "reconstruction.png", "trajectory.png", "trajectory
 ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module")
-def cli() -> CliRunner:
-    return CliRunner()
-
-
 def _invoke(cli: CliRunner, args: list[str]):
     return cli.invoke(app, [str(a) for a in args], env=ENV)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """An untrained tiny-16 pixel model folder (seeded, so every run sees the same weights)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        unet = build_unet("tiny-16")
-    return export_model(unet, tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    """A 20x30 (HxW) RGB PNG: not the model's size, so --fit is needed."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("img") / "photo.png"
-    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def _invert_args(image: Path, model: Path | str, out: Path, *extra: str) -> list:

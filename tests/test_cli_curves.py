@@ -25,7 +25,6 @@ from diffgeo.curves import DEFINITIONS, generation_curves, pixel_component
 from diffgeo.io import load_image
 from diffgeo.maps import RateMaps, saliency_map
 from diffgeo.runs import curves_for_image
-from diffgeo.train import build_unet, export_model
 
 ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "HF_HUB_OFFLINE": "1"}
 STEPS = 10
@@ -43,31 +42,8 @@ BOX = (6, 11, 10, 17)  # r0, c0, r1, c1 (exclusive) in input pixels: 4x5 model c
 OUTSIDE = (10, 2)  # column 2 -> -2.5: cropped away
 
 
-@pytest.fixture(scope="module")
-def cli() -> CliRunner:
-    return CliRunner()
-
-
 def _invoke(cli: CliRunner, args: list):
     return cli.invoke(app, [str(a) for a in args], env=ENV)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """An untrained tiny-16 pixel model folder (seeded: every run sees the same weights)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        unet = build_unet("tiny-16")
-    return export_model(unet, tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    """A 20x30 (HxW) RGB PNG: not the model's size, so --fit is needed."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("img") / "photo.png"
-    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -239,7 +239,8 @@ def _init_columns(init: torch.Tensor | None, shape: tuple[int, ...], m: int,
     return vecs.reshape(vecs.shape[0], -1).T, int(vecs.shape[0])
 
 
-def _default_generator(generator: torch.Generator | None) -> torch.Generator:
+def default_generator(generator: torch.Generator | None) -> torch.Generator:
+    """``generator``, or a fresh one seeded with DEFAULT_SEED: same call, same draws."""
     if generator is None:
         return torch.Generator().manual_seed(DEFAULT_SEED)
     if not isinstance(generator, torch.Generator):
@@ -324,7 +325,7 @@ def block_power_iteration(
         _check_int(power_passes, "power_passes", 0)
     if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
         raise InputError(f"tol must be a number > 0, got {tol!r}")
-    gen = _default_generator(generator)
+    gen = default_generator(generator)
     device = torch.device(device)
     m = k + oversample
 
@@ -505,7 +506,7 @@ def tangent_bases_along(backbone: Backbone, trajectory: Trajectory, k: int = 3,
     if trajectory.first.shape[0] != 1:
         raise InputError(f"trajectory must be of one image (batch 1), got a batch of "
                          f"{trajectory.first.shape[0]}")
-    gen = _default_generator(generator)
+    gen = default_generator(generator)
     steps = [(t, x) for t, x in zip(trajectory.timesteps, trajectory.states, strict=True)
              if t is not None]
     if not steps:

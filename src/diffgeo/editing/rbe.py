@@ -70,7 +70,11 @@ from diffgeo import ddim
 from diffgeo.backbones.base import Backbone, Conditioning, Encoded
 from diffgeo.backbones.functional import FunctionalBackbone
 from diffgeo.errors import DiffgeoError, InputError, OutputExistsError
-from diffgeo.tangent import DEFAULT_SEED, PowerIterationResult, block_power_iteration
+from diffgeo.tangent import (
+    PowerIterationResult,
+    block_power_iteration,
+    default_generator,
+)
 
 __all__ = [
     "DEFAULT_K", "DEFAULT_STEPS", "DEFAULT_STRENGTH", "DEFAULT_T", "MODES", "PROJECTIONS",
@@ -138,15 +142,6 @@ def _check_projection(project_against: str) -> str:
         raise InputError(f"project_against must be one of {PROJECTIONS}, "
                          f"got {project_against!r}")
     return project_against
-
-
-def _generator(generator: torch.Generator | None) -> torch.Generator:
-    if generator is None:
-        return torch.Generator().manual_seed(DEFAULT_SEED)
-    if not isinstance(generator, torch.Generator):
-        raise InputError(f"generator must be a torch.Generator or None, "
-                         f"got {type(generator).__name__}")
-    return generator
 
 
 def _as_mask_tensor(mask: Any) -> torch.Tensor:
@@ -423,7 +418,7 @@ def _discover(backbone: Backbone, xt: torch.Tensor, t: int, mask_state: torch.Te
               max_iter: int, tol: float, oversample: int, power_passes: int | None,
               generator: torch.Generator | None, chunk: int, num_steps: int | None,
               extra_settings: dict[str, Any]) -> Directions:
-    gen = _generator(generator)
+    gen = default_generator(generator)
     with torch.no_grad():
         enc = backbone.encode(xt, t, cond)
     h_shape = tuple(enc.h.shape[1:])
