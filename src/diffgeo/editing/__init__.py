@@ -20,3 +20,20 @@ __all__ = [
     "directions_at", "discover_directions", "edit_locality", "global_directions",
     "masked_response", "project_out", "state_mask",
 ]
+
+from diffgeo.editing.pixels import (  # noqa: E402
+    THRESHOLDS,
+    PixelsResult,
+    edit_start,
+    grow_and_blur,
+    pixels_edit,
+    pixels_iterative,
+    place_exemplar,
+    prepare_map,
+    threshold_schedule,
+)
+
+__all__ += [
+    "THRESHOLDS", "PixelsResult", "edit_start", "grow_and_blur", "pixels_edit",
+    "pixels_iterative", "place_exemplar", "prepare_map", "threshold_schedule",
+]

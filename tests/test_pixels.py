@@ -1,0 +1,243 @@
+"""PIXELS: progressive exemplar editing (Algorithms 1 and 2) on the tiny backbones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffgeo import ddim
+from diffgeo.editing.pixels import (
+    THRESHOLDS,
+    edit_start,
+    grow_and_blur,
+    pixels_edit,
+    pixels_iterative,
+    place_exemplar,
+    prepare_map,
+    threshold_schedule,
+)
+from diffgeo.errors import InputError
+
+STEPS = 10
+
+
+def _images(bb, k: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h, w = bb.image_size
+    return [torch.rand(1, 3, h, w, generator=g) * 2 - 1 for _ in range(k)]
+
+
+def _states(bb, k: int) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [bb.to_state(x.to(bb.dtype)) for x in _images(bb, k)]
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _half_map(h: int, w: int, left_keeps: bool = True) -> torch.Tensor:
+    m = torch.zeros(h, w)
+    if left_keeps:
+        m[:, : w // 2] = 1
+    else:
+        m[:, w // 2:] = 1
+    return m
+
+
+@pytest.mark.parametrize("name", THRESHOLDS)
+def test_thresholds_monotone_start_at_zero_in_unit_interval(name):
+    for n in (1, 2, 7, 50):
+        thr = threshold_schedule(name, n)
+        assert thr.shape == (n,)
+        assert float(thr[0]) == pytest.approx(0.0, abs=1e-12)
+        assert bool((thr[1:] >= thr[:-1]).all())
+        assert float(thr.min()) >= 0 and float(thr.max()) < 1
+
+
+def test_threshold_callable_and_errors():
+    thr = threshold_schedule(lambda i, n: (i / n) ** 0.5, 4)
+    assert torch.allclose(thr, torch.tensor([0, 0.5, 2**-0.5, 0.75**0.5], dtype=torch.float64))
+    with pytest.raises(InputError, match="threshold"):
+        threshold_schedule("nope", 4)
+    with pytest.raises(InputError, match="threshold"):
+        threshold_schedule(lambda i, n: 2.0, 4)
+    with pytest.raises(InputError, match="threshold"):
+        threshold_schedule(3, 4)
+
+
+def test_map_validation():
+    with pytest.raises(InputError, match="maps\\[0\\]|map"):
+        prepare_map(torch.full((8, 8), 1.5), (8, 8))
+    with pytest.raises(InputError, match="one channel"):
+        prepare_map(torch.ones(3, 8, 8), (8, 8))
+    with pytest.raises(InputError, match="aspect"):
+        prepare_map(torch.ones(8, 16), (8, 8))
+    with pytest.raises(InputError, match="NaN"):
+        prepare_map(torch.full((8, 8), float("nan")), (8, 8))
+    with pytest.raises(InputError, match="shape"):
+        prepare_map(torch.ones(8), (8, 8))
+    with pytest.raises(InputError, match="floats"):
+        prepare_map(torch.ones(8, 8, dtype=torch.long), (8, 8))
+    m = prepare_map(torch.ones(16, 16), (8, 8))
+    assert m.shape == (1, 1, 8, 8) and bool((m == 1).all())
+    assert bool((prepare_map(torch.ones(8, 8), (8, 8), invert=True) == 0).all())
+
+
+def test_grow_and_blur_and_placement():
+    mask = torch.zeros(16, 16)
+    mask[6:10, 6:10] = 1
+    m = grow_and_blur(mask, grow=2)
+    assert int((m == 0).sum()) == 8 * 8  # grown by 2 each side, flipped to polarity
+    mb = grow_and_blur(mask, grow=1, blur=1.5)
+    assert 0 <= float(mb.min()) < 0.5 and float(mb.max()) == pytest.approx(1.0, abs=1e-3)
+    assert 0 < float(mb[0, 0, 8, 3]) < 1  # a soft edge
+    with pytest.raises(InputError, match="grow"):
+        grow_and_blur(mask, grow=-1)
+    canvas = torch.zeros(1, 3, 16, 16)
+    ex = torch.ones(1, 3, 8, 8)
+    placed, cover = place_exemplar(ex, canvas, offset=(12, -2), scale=0.5)
+    assert float(cover.sum()) == 4 * 2 and float(placed.sum()) == 3 * 8
+    with pytest.raises(InputError, match="offset"):
+        place_exemplar(ex, canvas, offset=(40, 0))
+
+
+def test_edit_start_is_on_grid():
+    class B:
+        num_train_timesteps = 1000
+
+    t, times = edit_start(B(), 0.8, 50)
+    assert t == 800 and times[0] == 800 and times[-1] == 0 and len(times) == 41
+    with pytest.raises(InputError, match="strength"):
+        edit_start(B(), 0.0, 50)
+
+
+def test_all_ones_map_is_the_source_regenerated_from_the_same_noise(pixel_bb):
+    src, ex = _states(pixel_bb, 2)
+    r = pixels_edit(pixel_bb, src, [ex], [torch.ones(16, 16)], generator=_gen(3),
+                    strength=0.6, num_steps=STEPS)
+    g = _gen(3)
+    z = torch.randn(src.shape, generator=g)
+    # every step pins the noised source, so the output is the last DDIM step from it
+    t0 = r.timesteps[-1]
+    ab = ddim.alpha_bar(pixel_bb, t0)
+    xt = ab**0.5 * src + (1 - ab) ** 0.5 * z
+    expected = ddim.ddim_step(pixel_bb, xt, t0, None, pixel_bb.eps(xt, t0))
+    assert torch.allclose(r.state, expected, atol=1e-6)
+    assert bool((r.masks == 1).all())
+
+
+def test_all_zeros_map_is_sdedit_of_the_exemplar(pixel_bb):
+    src, ex = _states(pixel_bb, 2)
+    r = pixels_edit(pixel_bb, src, [ex], [torch.zeros(16, 16)], generator=_gen(4),
+                    strength=0.5, num_steps=STEPS)
+    g = _gen(4)
+    torch.randn(src.shape, generator=g)  # the source's draw comes first
+    z = torch.randn(src.shape, generator=g)
+    t = r.timesteps[0]
+    ab = ddim.alpha_bar(pixel_bb, t)
+    gen = ddim.generate(pixel_bb, ab**0.5 * ex + (1 - ab) ** 0.5 * z, t, STEPS)
+    assert torch.allclose(r.state, gen.last, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["pixel", "sd"])
+def test_binary_map_first_latent_is_the_surgical_latent(which, pixel_bb, sd_bb):
+    bb = pixel_bb if which == "pixel" else sd_bb
+    src, ex = _states(bb, 2)
+    h, w = bb.state_shape[-2:]
+    mu = _half_map(h, w)
+    r = pixels_edit(bb, src, [ex], [mu], generator=_gen(5), strength=0.8, num_steps=STEPS,
+                    record_states=True)
+    g = _gen(5)
+    z1, z2 = torch.randn(src.shape, generator=g), torch.randn(src.shape, generator=g)
+    t = r.timesteps[0]
+    ab = ddim.alpha_bar(bb, t)
+    m = mu[None, None]
+    surgical = (ab**0.5 * src + (1 - ab) ** 0.5 * z1) * m + \
+        (ab**0.5 * ex + (1 - ab) ** 0.5 * z2) * (1 - m)
+    assert torch.equal(r.states[0], r.surgical)
+    assert torch.allclose(r.surgical, surgical, atol=1e-6)
+    assert r.state.shape == src.shape and bool(torch.isfinite(r.state).all())
+
+
+def test_two_exemplars_equal_algorithm_2_by_hand(pixel_bb):
+    bb = pixel_bb
+    src, e1, e2 = _states(bb, 3)
+    mu1 = torch.rand(16, 16, generator=_gen(10))
+    mu2 = torch.rand(16, 16, generator=_gen(11))
+    r = pixels_edit(bb, src, [e1, e2], [mu1, mu2], generator=_gen(6), strength=0.7,
+                    num_steps=STEPS)
+    g = _gen(6)
+    z1, z2, z3 = (torch.randn(src.shape, generator=g) for _ in range(3))
+    times = r.timesteps
+    n = len(times)
+
+    def add_noise(x0, z, t):
+        ab = ddim.alpha_bar(bb, t)
+        return ab**0.5 * x0 + (1 - ab) ** 0.5 * z
+
+    m1, m2 = (mu1 > 0).float(), (mu2 > 0).float()
+    z = (add_noise(src, z1, times[0]) * m1 + add_noise(e1, z2, times[0]) * (1 - m1)) * m2 \
+        + add_noise(e2, z3, times[0]) * (1 - m2)
+    with torch.no_grad():
+        for i, t in enumerate(times):
+            if i > 0:
+                m1, m2 = (mu1 > i / n).float(), (mu2 > i / n).float()
+                z = (add_noise(src, z1, t) * m1 + z * (1 - m1)) * m2 + z * (1 - m2)
+            nxt = times[i + 1] if i + 1 < n else None
+            z = ddim.ddim_step(bb, z, t, nxt, bb.eps(z, t))
+    assert torch.allclose(r.state, z, atol=1e-5)
+
+
+def test_seed_determinism_and_generators_differ(pixel_bb):
+    src, ex = _states(pixel_bb, 2)
+    mu = _half_map(16, 16) * 0.7
+
+    def run(seed):
+        return pixels_edit(pixel_bb, src, [ex], [mu], generator=_gen(seed), strength=0.5,
+                           num_steps=STEPS, threshold="sigmoid").state
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_inverse_polarity_and_iterative(pixel_bb):
+    src, e1, e2 = _states(pixel_bb, 3)
+    mu = _half_map(16, 16)
+    a = pixels_edit(pixel_bb, src, [e1], [mu], generator=_gen(1), strength=0.5,
+                    num_steps=STEPS)
+    b = pixels_edit(pixel_bb, src, [e1], [1 - mu], generator=_gen(1), strength=0.5,
+                    num_steps=STEPS, invert_maps=True)
+    assert torch.equal(a.state, b.state)
+    res = pixels_iterative(pixel_bb, src, [e1, e2], [mu, _half_map(16, 16, False)],
+                           generator=_gen(2), strength=0.5, num_steps=STEPS)
+    assert len(res) == 2 and res[0].state.shape == src.shape
+
+
+def test_guidance_on_sd(sd_bb):
+    src, ex = _states(sd_bb, 2)
+    mu = _half_map(*sd_bb.state_shape[-2:])
+    kw = dict(generator=_gen(1), strength=0.5, num_steps=5)
+    r = pixels_edit(sd_bb, src, [ex], [mu], cond=sd_bb.condition("a cat"),
+                    uncond=sd_bb.condition(""), guidance_scale=3.0, **kw)
+    assert bool(torch.isfinite(r.state).all())
+    with pytest.raises(InputError, match="guidance_scale"):
+        pixels_edit(sd_bb, src, [ex], [mu], guidance_scale=3.0, **kw)
+
+
+def test_input_errors(pixel_bb):
+    src, ex = _states(pixel_bb, 2)
+    mu = torch.ones(16, 16)
+    with pytest.raises(InputError, match="maps"):
+        pixels_edit(pixel_bb, src, [ex, ex], [mu], generator=_gen())
+    with pytest.raises(InputError, match="generator"):
+        pixels_edit(pixel_bb, src, [ex], [mu], generator=None)
+    with pytest.raises(InputError, match="maps\\[0\\]"):
+        pixels_edit(pixel_bb, src, [ex], [mu * 2], generator=_gen())
+    with pytest.raises(InputError, match="exemplars"):
+        pixels_edit(pixel_bb, src, [], [], generator=_gen())
+    with pytest.raises(InputError, match="exemplars\\[0\\]"):
+        pixels_edit(pixel_bb, src, [torch.zeros(1, 3, 8, 8)], [mu], generator=_gen())
+    with pytest.raises(InputError, match="steps"):
+        pixels_edit(pixel_bb, src, [ex], [mu], generator=_gen(), num_steps=0)
