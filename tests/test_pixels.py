@@ -241,3 +241,59 @@ def test_input_errors(pixel_bb):
         pixels_edit(pixel_bb, src, [torch.zeros(1, 3, 8, 8)], [mu], generator=_gen())
     with pytest.raises(InputError, match="steps"):
         pixels_edit(pixel_bb, src, [ex], [mu], generator=_gen(), num_steps=0)
+
+
+# ------------------------------------------------------------------------------ CLI
+def _png(path, arr):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.asarray(arr, dtype=np.uint8)).save(path)
+    return path
+
+
+def test_cli_exemplar_two_exemplars(cli, tiny, image, tmp_path):
+    import json
+
+    import numpy as np
+
+    from diffgeo.cli import app
+
+    rng = np.random.default_rng(1)
+    e1 = _png(tmp_path / "e1.png", rng.integers(0, 256, (20, 30, 3)))
+    e2 = _png(tmp_path / "e2.png", rng.integers(0, 256, (8, 8, 3)))
+    m1 = np.full((20, 30), 255)
+    m1[:, :10] = 0
+    m2 = np.full((20, 30), 255)
+    m2[10:, 20:] = 0
+    p1, p2 = _png(tmp_path / "m1.png", m1), _png(tmp_path / "m2.png", m2)
+    out = tmp_path / "out"
+    args = ["exemplar", str(image), "--exemplar", str(e1), "--map", str(p1), "--exemplar",
+            str(e1), "--map", str(p2), "--model", str(tiny), "--fit", "crop", "--steps", "10",
+            "--strength", "0.6", "--threshold", "cubic", "--out", str(out)]
+    r = cli.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    for name in ("result.png", "maps.png", "masks.png", "composite.png", "settings.json"):
+        assert (out / name).exists()
+    s = json.loads((out / "settings.json").read_text())
+    assert s["t_start"] == 600 and len(s["executed_timesteps"]) == 7
+    # placement and the iterative mode
+    r = cli.invoke(app, ["exemplar", str(image), "--exemplar", str(e2), "--map", str(p1),
+                         "--place", "2,3,0.5", "--iterative", "--model", str(tiny), "--fit",
+                         "crop", "--steps", "5", "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 0, r.output
+    # clear errors
+    r = cli.invoke(app, ["exemplar", str(image), "--exemplar", str(e1), "--model", str(tiny),
+                         "--fit", "crop", "--out", str(tmp_path / "o3")])
+    assert r.exit_code == 2 and "--map" in r.output
+    r = cli.invoke(app, ["exemplar", str(image), "--exemplar", str(e1), "--map", str(e2),
+                         "--model", str(tiny), "--fit", "crop", "--out", str(tmp_path / "o4")])
+    assert r.exit_code == 2 and "--map 1" in r.output
+    r = cli.invoke(app, ["exemplar", str(image), "--exemplar", str(e1), "--map", str(p1),
+                         "--threshold", "bogus", "--model", str(tiny), "--fit", "crop",
+                         "--out", str(tmp_path / "o5")])
+    assert r.exit_code == 2 and "threshold" in r.output
+    r = cli.invoke(app, ["exemplar", str(image), "--exemplar", str(e1), "--map", str(p1),
+                         "--prompt", "a cat", "--model", str(tiny), "--fit", "crop",
+                         "--out", str(tmp_path / "o6")])
+    assert r.exit_code == 2 and "prompt" in r.output
