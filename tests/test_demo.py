@@ -70,7 +70,8 @@ def test_tiny_demo_page_links_only_existing_files(tiny_demo):
     links = _check_links(tiny_demo)
     assert _sections(tiny_demo) == ["Model", "Samples", "DDIM inversion and reconstruction",
                                     "Generation curves and saliency",
-                                    "Region-based editing (h-space directions)"]
+                                    "Region-based editing (h-space directions)",
+                                    "Progressive exemplar editing (PIXELS)"]
     for name in ("curves.png", "saliency.png", "rbe-0.png", "rbe-global.png"):
         assert (tiny_demo.parent / name).is_file()
     # Quick run: 8 samples in one strip, 2 scenes x (input, X_t, plain, exact), the PSNR plot.
