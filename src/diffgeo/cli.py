@@ -328,8 +328,9 @@ def exemplar(
                                    "back as the next source (default: all in one pass; where "
                                    "maps overlap the last exemplar wins)."),
     place: list[str] = typer.Option([], "--place", help="row,col[,scale]: paste the exemplar "
-                                    "of the same position at this offset and scale into the "
-                                    "source (give once per --exemplar)."),
+                                    "of the same position (native size, scaled by scale) with its "
+                                    "top-left corner at this model pixel of the fitted source "
+                                    "(give once per --exemplar)."),
     model: str = typer.Option("default", help=MODEL_HELP),
     fit: str | None = typer.Option(None, help=FIT_HELP),
     out: Path = typer.Option(Path("out/exemplar"), help="Output folder."),

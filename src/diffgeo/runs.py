@@ -506,7 +506,7 @@ def exemplar_edit(source: str | Path, *, exemplars: Sequence[str | Path],
     inputs = [Path(source), *map(Path, exemplars), *map(Path, maps)]
     results = ResultDir(out, force=force, protect=inputs) if out is not None else None
     if results is not None:
-        for name in EXEMPLAR_FILES:
+        for name in (*EXEMPLAR_FILES, *(f"exemplar-{k + 1}.png" for k in range(len(exemplars)))):
             results.path_for(name)
     x, fit_info = load_image(source, size=bb.image_size, fit=fit)
     x = x.to(device=bb.device, dtype=bb.dtype)

@@ -28,6 +28,10 @@ The method, as implemented here (every choice below is a documented convention):
 * **Steps i >= 1.** With m_k = map_k > threshold(i), the noised source is pinned where every map
   keeps it: z <- src_t·Πm_k + z·(1 - Πm_k), which is Algorithm 2's line 20 nested over any
   number of exemplars. Then z is denoised one DDIM step.
+* **Limits, as consequences.** A map of all ones pins the noised source at every step, so the
+  output is the source regenerated from its own noise draw: one DDIM step from the noised source
+  at the lowest executed timestep. A map of all zeros never pins it: the output is plain DDIM
+  generation (SDEdit) from the noised exemplar at t_start.
 * **Iterative mode** (:func:`pixels_iterative`): one exemplar per pass, the output of a pass is
   the source of the next (Appendix §2).
 * **Guidance.** ``guidance_scale`` > 1 with a conditional backbone uses classifier-free guidance
