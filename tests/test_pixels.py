@@ -89,9 +89,10 @@ def test_grow_and_blur_and_placement():
     mask[6:10, 6:10] = 1
     m = grow_and_blur(mask, grow=2)
     assert int((m == 0).sum()) == 8 * 8  # grown by 2 each side, flipped to polarity
-    mb = grow_and_blur(mask, grow=1, blur=1.5)
+    mb = grow_and_blur(mask, grow=2, blur=0.5)
     assert 0 <= float(mb.min()) < 0.5 and float(mb.max()) == pytest.approx(1.0, abs=1e-3)
     assert 0 < float(mb[0, 0, 8, 3]) < 1  # a soft edge
+    assert float(mb[0, 0, 8, 8]) == 0.0  # the core is exactly 0: step 0 takes the exemplar there
     with pytest.raises(InputError, match="grow"):
         grow_and_blur(mask, grow=-1)
     canvas = torch.zeros(1, 3, 16, 16)

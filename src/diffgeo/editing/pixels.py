@@ -145,7 +145,9 @@ def prepare_map(m: Any, size: tuple[int, int], *, invert: bool = False,
     Accepts (H, W), (1, H, W) or (1, 1, H, W), floats in [0, 1] or booleans. The aspect ratio
     H/W must equal h/w within one pixel of rounding. Resizing is bilinear with
     ``align_corners=False`` and no antialias; a map already at ``size`` is returned unchanged.
-    ``invert`` flips the polarity (1 - map) before resizing. Returns float64 (1, 1, h, w).
+    ``invert`` flips the polarity (1 - map) before resizing. After a resize, values within 1e-6
+    of 0 or 1 are snapped onto them (step 0 takes an exemplar only where the map is exactly 0).
+    Returns float64 (1, 1, h, w).
     """
     m = _as_map_tensor(m, name).to(torch.float64)
     h, w = size
@@ -157,7 +159,7 @@ def prepare_map(m: Any, size: tuple[int, int], *, invert: bool = False,
         m = 1.0 - m
     if (H, W) != (h, w):
         m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
-        m = m.clamp(0.0, 1.0)
+        m = _snap(m)
     return m
 
 
@@ -191,7 +193,15 @@ def grow_and_blur(mask: Any, grow: int = 0, blur: float = 0.0, *, name: str = "m
         kw = k[r - pad_w: r + pad_w + 1]
         m = F.conv2d(m, (kh / kh.sum()).view(1, 1, -1, 1))
         m = F.conv2d(m, (kw / kw.sum()).view(1, 1, 1, -1))
-    return (1.0 - m).clamp(0.0, 1.0)
+    return _snap(1.0 - m)
+
+
+def _snap(m: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """Clamp to [0, 1] and snap values within ``tol`` of 0 or 1 onto them: step 0 takes an
+    exemplar only where a map is exactly 0, so rounding in a blur or resize must not hide it."""
+    m = m.clamp(0.0, 1.0)
+    m = torch.where(m < tol, torch.zeros_like(m), m)
+    return torch.where(m > 1 - tol, torch.ones_like(m), m)
 
 
 def place_exemplar(exemplar: torch.Tensor, canvas: torch.Tensor, *,
