@@ -262,15 +262,16 @@ def section_exemplar(ctx: DemoContext) -> Section:
         return (m * 2 - 1).expand(-1, 3, -1, -1)
 
     ctx.results.save_strip("pixels-maps.png", [up(m) for m in res.maps])
-    ctx.results.save_strip("pixels-masks.png", [up(m) for m in res.masks])
+    shown = [res.masks[round(i * (len(res.masks) - 1) / 7)] for i in range(8)]
+    ctx.results.save_strip("pixels-masks.png", [up(m) for m in shown])
     text = (f"<p>Progressive exemplar editing (PIXELS, Algorithm 2): the objects of two other "
             f"scenes are edited into the first one in a single pass, from t={res.timesteps[0]} "
             f"(strength {strength}) over {len(res.timesteps)} DDIM steps with the linear "
             "threshold. Each map is the exemplar's object mask grown by one pixel and blurred "
             "(1 = keep source, 0 = take the exemplar); where maps overlap the second exemplar "
             "wins. Strip: source, exemplar 1, exemplar 2, copy-paste composite, result. Below: "
-            "the maps at state resolution, and the per-step mask that pins the noised source "
-            "(white), shrinking as the threshold rises.</p>")
+            "the maps at state resolution, and the mask that pins the noised source (white) at 8 "
+            "evenly spaced steps, shrinking as the threshold rises.</p>")
     body = (text + _img("pixels.png", "source, exemplar 1, exemplar 2, composite, result",
                         width=480)
             + _img("pixels-maps.png", "edit maps as used", width=200)
