@@ -298,3 +298,22 @@ def test_cli_exemplar_two_exemplars(cli, tiny, image, tmp_path):
                          "--prompt", "a cat", "--model", str(tiny), "--fit", "crop",
                          "--out", str(tmp_path / "o6")])
     assert r.exit_code == 2 and "prompt" in r.output
+
+
+def test_exemplar_edit_on_a_latent_model_with_guidance(sd_bb, tmp_path):
+    import numpy as np
+
+    from diffgeo.runs import exemplar_edit
+
+    rng = np.random.default_rng(2)
+    src = _png(tmp_path / "s.png", rng.integers(0, 256, (16, 16, 3)))
+    ex = _png(tmp_path / "e.png", rng.integers(0, 256, (16, 16, 3)))
+    m = np.full((16, 16), 255)
+    m[4:12, 4:12] = 0
+    mp = _png(tmp_path / "m.png", m)
+    res = exemplar_edit(src, exemplars=[ex], maps=[mp], model=sd_bb, strength=0.5, num_steps=5,
+                        prompt="a cat", guidance_scale=2.0, out=tmp_path / "o")
+    assert res["result"].shape == (1, 3, 16, 16)
+    used = res["passes"][0].maps
+    assert used.shape == (1, 1, 8, 8) and float(used[0, 0, 4, 4]) == 0.0
+    assert (tmp_path / "o" / "masks.png").exists()
