@@ -110,3 +110,21 @@ def test_sdxl_eps_h_and_eps_from_h_agree_with_the_unet(sdxl):
     other = sdxl.condition("a cube", original_size=(32, 32))
     with torch.no_grad():
         assert not torch.allclose(sdxl.eps(x, 500, other), eps)
+
+
+def test_pixels_edit_runs_on_sdxl_with_a_prompt_and_guidance(sdxl):
+    from diffgeo.editing import pixels_edit
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(1, 4, 8, 8, generator=g)
+    ex = torch.randn(1, 4, 8, 8, generator=g)
+    m = torch.ones(1, 1, 16, 16)
+    m[..., 4:12, 4:12] = 0
+    kw = dict(strength=0.6, num_steps=10, cond=sdxl.condition("a cube"), guidance_scale=3.0,
+              uncond=sdxl.condition(""))
+    a = pixels_edit(sdxl, src, [ex], [m], generator=torch.Generator().manual_seed(1), **kw)
+    b = pixels_edit(sdxl, src, [ex], [m], generator=torch.Generator().manual_seed(1), **kw)
+    c = pixels_edit(sdxl, src, [ex], [m], generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.isfinite(a.state).all() and a.state.shape == (1, 4, 8, 8)
+    assert torch.equal(a.state, b.state) and not torch.equal(a.state, c.state)
+    assert a.masks.shape == (len(a.timesteps), 1, 8, 8)
