@@ -107,10 +107,12 @@ def test_edit_start_is_on_grid():
     class B:
         num_train_timesteps = 1000
 
-    t, times = edit_start(B(), 0.8, 50)
-    assert t == 800 and times[0] == 800 and times[-1] == 0 and len(times) == 41
+    t, times = edit_start(B(), 0.8, 50)  # diffusers' img2img: int(50·0.8) = 40 steps from 780
+    assert t == 780 and times[0] == 780 and times[-1] == 0 and len(times) == 40
     with pytest.raises(InputError, match="strength"):
         edit_start(B(), 0.0, 50)
+    with pytest.raises(InputError, match="executes no step"):
+        edit_start(B(), 0.01, 50)
 
 
 def test_all_ones_map_is_the_source_regenerated_from_the_same_noise(pixel_bb):
@@ -277,7 +279,7 @@ def test_cli_exemplar_two_exemplars(cli, tiny, image, tmp_path):
     for name in ("result.png", "maps.png", "masks.png", "composite.png", "settings.json"):
         assert (out / name).exists()
     s = json.loads((out / "settings.json").read_text())
-    assert s["t_start"] == 600 and len(s["executed_timesteps"]) == 7
+    assert s["t_start"] == 500 and len(s["executed_timesteps"]) == 6  # int(10·0.6) steps
     # placement and the iterative mode
     r = cli.invoke(app, ["exemplar", str(image), "--exemplar", str(e2), "--map", str(p1),
                          "--place", "2,3,0.5", "--iterative", "--model", str(tiny), "--fit",
@@ -317,3 +319,20 @@ def test_exemplar_edit_on_a_latent_model_with_guidance(sd_bb, tmp_path):
     used = res["passes"][0].maps
     assert used.shape == (1, 1, 8, 8) and float(used[0, 0, 4, 4]) == 0.0
     assert (tmp_path / "o" / "masks.png").exists()
+
+
+@pytest.mark.parametrize("steps, strength", [(50, 0.8), (50, 0.33), (10, 0.6), (25, 1.0)])
+def test_executed_steps_equal_diffusers_img2img(steps, strength):
+    """The same strength runs the same timesteps as StableDiffusionImg2ImgPipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    class B:
+        num_train_timesteps = 1000
+
+    sched = DDIMScheduler(num_train_timesteps=1000, steps_offset=0, timestep_spacing="leading")
+    sched.set_timesteps(steps)
+    pipe = StableDiffusionImg2ImgPipeline.__new__(StableDiffusionImg2ImgPipeline)
+    pipe.scheduler = sched
+    theirs, n = pipe.get_timesteps(steps, strength, "cpu")
+    t, ours = edit_start(B(), strength, steps)
+    assert ours == [int(v) for v in theirs] and len(ours) == n and t == ours[0]

@@ -314,8 +314,8 @@ def exemplar(
     maps: list[Path] = typer.Option([], "--map", help="Edit map for the exemplar of the same "
                                     "position (repeatable), drawn on the source: white/1 = keep "
                                     "the source, black/0 = take the exemplar, grey in between."),
-    strength: float = typer.Option(0.8, help="Maximum denoising strength t_ds^max in (0, 1]: the "
-                                   "edit starts at the grid timestep nearest strength·T."),
+    strength: float = typer.Option(0.8, help="Maximum denoising strength t_ds^max in (0, 1]: as in "
+                                   "diffusers' img2img, int(steps·strength) steps are run."),
     steps: int = typer.Option(50, help="DDIM steps over the full 0..T-1 range (the grid)."),
     threshold: str = typer.Option("linear", help="Threshold over the executed steps: linear, "
                                   "quadratic, cubic, log1p or sigmoid."),

@@ -6,9 +6,10 @@ The method, as implemented here (every choice below is a documented convention):
   that order from the caller's explicit ``generator``: one draw z_k of the state's shape per image
   (source, exemplar 1, exemplar 2, ...), reused at every executed timestep through the forward
   process x_t = sqrt(ab_t)·x0 + sqrt(1 - ab_t)·z_k. No other RNG is consumed.
-* **Steps.** The full DDIM grid has ``num_steps`` points (diffusers' ``leading`` spacing). The edit
-  starts at ``t_start`` = the grid timestep nearest ``strength``·T (the paper's t_ds^max; ties go
-  to the lower timestep) and runs the N executed grid steps t_start > ... > t_0 down to clean,
+* **Steps.** The full DDIM grid has ``num_steps`` points (diffusers' ``leading`` spacing). As in
+  diffusers' img2img pipelines, ``strength`` (the paper's t_ds^max) executes
+  N = int(num_steps·strength) steps: the edit starts at ``t_start`` = the N-th grid timestep
+  from the bottom and runs the N executed grid steps t_start > ... > t_0 down to clean,
   with deterministic DDIM steps (eta = 0). Step i = 0..N-1 runs at the i-th executed timestep
   from the top.
 * **Edit maps.** One non-binary map in [0, 1] per exemplar. Polarity: **1 = keep the source,
@@ -247,14 +248,17 @@ def place_exemplar(exemplar: torch.Tensor, canvas: torch.Tensor, *,
 
 # ------------------------------------------------------------------------------ the loop
 def edit_start(backbone: Backbone, strength: float, num_steps: int) -> tuple[int, list[int]]:
-    """(t_start, executed timesteps descending): t_start = grid point nearest strength·T."""
+    """(t_start, executed timesteps descending) with diffusers' img2img rule: the last
+    int(num_steps·strength) grid steps, so the same strength does the same work in both."""
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
             or not 0 < strength <= 1:
         raise InputError(f"strength must be a number in (0, 1], got {strength!r}")
     grid = ddim.ddim_grid(backbone.num_train_timesteps, num_steps)
-    target = strength * backbone.num_train_timesteps
-    t_start = min(grid, key=lambda g: (abs(g - target), g))
-    return t_start, [g for g in reversed(grid) if g <= t_start]
+    n = min(int(num_steps * strength), num_steps)
+    if n < 1:
+        raise InputError(f"strength {strength} executes no step of a {num_steps}-step grid "
+                         f"(int(steps·strength) = 0): raise strength or steps")
+    return grid[n - 1], list(reversed(grid[:n]))
 
 
 @dataclass
