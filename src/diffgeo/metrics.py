@@ -1,0 +1,465 @@
+"""Image-editing metrics: CLIP_dir, CLIP_sim, DINO_sim, CLIP_diff, CLIP-I, masked MSE, PSNR, SSIM.
+
+Every metric takes batches of images (B, 3, H, W) in [-1, 1] (or image file paths, loaded with
+:func:`diffgeo.io.load_image` at their own size) and returns a float64 tensor (B,) of per-image
+values; a batch gives exactly what a loop over its images gives.
+
+Definitions (generation-curves paper, App. D.1, Eq. 12-16; PIXELS, Sec. "Experiments"):
+
+- ``clip_dir``   CLIP_dir = cos(e_cap(T), e_img(I_a) - e_img(I_b))                      (Eq. 12)
+  with T the instruction describing the edit. With ``before_text`` given, the text direction
+  e_cap(T) - e_cap(T_b) is used instead (the directional similarity of StyleGAN-NADA /
+  InstructPix2Pix). When I_a and I_b give the same CLIP embedding the image direction is the zero
+  vector and the cosine is undefined: the value is NaN, never a silent 0.
+- ``clip_sim``   CLIP_sim(I1, I2) = cos(e_img(I1), e_img(I2))                            (Eq. 13)
+- ``dino_sim``   DINO_sim(I1, I2) = cos(d_img(I1), d_img(I2))                            (Eq. 14)
+  The paper evaluates both "over the edited region": with ``mask`` the region rule below applies
+  to both images. Symmetric; 1 for identical images.
+- ``clip_score`` CLIP(T, I) = cos(e_cap(T), e_img(I))                                    (Eq. 16)
+- ``clip_diff``  CLIP_diff = CLIP(T, I_a) - CLIP(T, I_b)                                  (Eq. 15)
+  0 for identical images, positive when the edited image matches T better.
+- ``clip_i``     CLIP-I (PIXELS): cos(e_img(edited region), e_img(exemplar)); ``mask`` restricts
+  the *edited* image only (the exemplar is a whole image). Without a mask it equals clip_sim.
+- ``mse_inside_outside``: MSE of the difference inside / outside a mask
+  (:func:`diffgeo.editing.rbe.edit_locality`, applied image by image).
+- ``psnr``: :func:`diffgeo.io.psnr` image by image (inf for identical images).
+- ``ssim``: Wang et al. (2004) SSIM with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
+  K2 = 0.03, on [0, 1] intensities (data range 1), per channel over the "valid" region (no
+  padding), averaged over channels: the same numbers as ``skimage.metrics.structural_similarity(
+  gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=0)``.
+
+Region rule (``mask`` + ``mode``), shared with :mod:`diffgeo.perceptual` (DinoFeatures.masked):
+``mode="multiply"`` is the paper's I ⊙ M (outside the mask becomes black), ``mode="crop"``
+additionally crops a square box around the mask (plus ``margin``) before resizing to the
+encoder's input size, so a small region fills the encoder's patches. Either way pixels outside the
+mask cannot change the value. A mask is (H, W) for the whole batch, or (B, H, W) for one per image.
+
+Models. CLIP through :class:`ClipModel` (transformers ``CLIPModel`` + tokenizer, local folder or
+hub id, safetensors only; default ``openai/clip-vit-base-patch32``, since the papers cite CLIP
+(Radford et al., 2021) without naming a variant); DINO through
+:class:`diffgeo.perceptual.DinoFeatures` (default ``facebook/dino-vits16``, Caron et al., 2021).
+Nothing is downloaded at import. LPIPS and FID need pretrained weights (AlexNet / Inception) that
+diffgeo never downloads: :func:`lpips_available` and :func:`fid_available` say whether they are
+usable here and why not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffgeo.errors import InputError, ModelNotFoundError
+from diffgeo.hub import looks_like_path, snapshot
+from diffgeo.perceptual import (
+    _DTYPES,
+    MASK_MODES,
+    DinoFeatures,
+    apply_mask,
+    check_mask,
+    mask_box,
+)
+
+CLIP_DEFAULT = "openai/clip-vit-base-patch32"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_CLIP_PATTERNS = ["config.json", "preprocessor_config.json", "model.safetensors",
+                  "model-*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                  "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"]
+
+ImagesLike = torch.Tensor | str | os.PathLike | Sequence[str | os.PathLike]
+
+
+# ---------------------------------------------------------------------------------- inputs
+def _images(x: Any, name: str) -> torch.Tensor:
+    """Tensor (B, 3, H, W) / (3, H, W) in [-1, 1], or file path(s) → float tensor (B, 3, H, W)."""
+    if isinstance(x, (str, os.PathLike)):
+        x = [x]
+    if isinstance(x, (list, tuple)) and x and all(isinstance(p, (str, os.PathLike)) for p in x):
+        from diffgeo.io import load_image
+
+        loaded = [load_image(p)[0] for p in x]
+        if len({tuple(t.shape) for t in loaded}) != 1:
+            raise InputError(f"{name}: the image files have different sizes")
+        return torch.cat(loaded)
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a tensor (B, 3, H, W) in [-1, 1] or image path(s), "
+                         f"got {type(x).__name__}")
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+        raise InputError(f"{name} must have shape (B, 3, H, W) with B >= 1, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return x.detach()
+
+
+def _pair(a: Any, b: Any, na: str, nb: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ta, tb = _images(a, na), _images(b, nb)
+    if ta.shape != tb.shape:
+        raise InputError(f"{na} and {nb} must have the same shape, got {tuple(ta.shape)} and "
+                         f"{tuple(tb.shape)}")
+    return ta, tb
+
+
+def _masks(mask: Any, batch: int, size: tuple[int, int]) -> list[torch.Tensor] | None:
+    """None, one mask for the batch, or one per image → list of B (H, W) masks (or None)."""
+    if mask is None:
+        return None
+    if isinstance(mask, (str, os.PathLike)):
+        from diffgeo.io import load_mask
+
+        mask = load_mask(mask)
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+    if isinstance(mask, torch.Tensor):
+        m = mask.detach()
+        while m.ndim > 3 and m.shape[0] == 1:
+            m = m[0]
+        if m.ndim == 4 and m.shape[1] == 1:
+            m = m[:, 0]
+        if m.ndim == 3 and m.shape[0] == batch and batch > 1:
+            return [check_mask(mi, size) for mi in m]
+    one = check_mask(mask, size)
+    return [one] * batch
+
+
+def _texts(texts: str | Sequence[str], batch: int, name: str) -> list[str]:
+    if isinstance(texts, str):
+        return [texts] * batch
+    out = list(texts)
+    if len(out) != batch or not all(isinstance(t, str) for t in out):
+        raise InputError(f"{name} must be a string or {batch} strings (one per image)")
+    return out
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine in float64; NaN where a vector is (exactly) zero."""
+    a, b = a.double(), b.double()
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    c = (a * b).sum(-1) / (na * nb)
+    return torch.where((na == 0) | (nb == 0), torch.full_like(c, math.nan), c).cpu()
+
+
+# ---------------------------------------------------------------------------------- CLIP
+class ClipModel:
+    """A transformers CLIP model: images in [-1, 1] → projected image embeddings, texts → text
+    embeddings (not normalised; every metric uses the cosine).
+
+    Preprocessing runs in torch: [-1, 1] → [0, 1] → antialiased bilinear resize of the whole image
+    to ``vision_config.image_size`` (no centre crop: it could cut the edited region out) → CLIP
+    mean/std (from ``preprocessor_config.json`` when present).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD, name: str = "", batch_size: int = 16):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        p = next(model.parameters())
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device, self.dtype = p.device, p.dtype
+        self.image_size = int(model.config.vision_config.image_size)
+        self.mean = torch.tensor(mean, dtype=self.dtype, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=self.dtype, device=self.device).view(1, 3, 1, 1)
+        self.name = name
+        self.batch_size = batch_size
+        self.max_length = int(model.config.text_config.max_position_embeddings)
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike = CLIP_DEFAULT, device: str = "cpu",
+             dtype: torch.dtype | str = torch.float32, *, batch_size: int = 16) -> ClipModel:
+        """Load CLIPModel + tokenizer from a folder saved with save_pretrained or a hub id.
+
+        Safetensors weights only; a hub id that cannot be fetched (offline, unknown) raises
+        :class:`ModelNotFoundError` naming HF_HUB_OFFLINE and the local-folder alternative.
+        """
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+            dtype = _DTYPES[dtype]
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise InputError(f"device {device!r} is not available here ({e})") from None
+        name = str(name_or_path)
+        path = Path(name).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise InputError(f"CLIP model must be a folder or a hub id; {path} is a file")
+        elif looks_like_path(name):
+            raise ModelNotFoundError(f"CLIP model folder not found: {path}")
+        else:
+            path = snapshot(name, _CLIP_PATTERNS, what="CLIP model",
+                            example="--clip ./clip-vit-base-patch32")
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a transformers model folder: no config.json")
+        if not any(p.name.endswith(".safetensors") for p in path.iterdir()):
+            raise ModelNotFoundError(f"CLIP model folder {path} has no safetensors weights "
+                                     "(model.safetensors)")
+        from transformers import AutoTokenizer, CLIPModel
+
+        try:
+            model = CLIPModel.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        except (ValueError, OSError, TypeError) as e:
+            raise InputError(f"{path} is not a CLIP model folder ({e})") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (ValueError, OSError, TypeError) as e:
+            raise ModelNotFoundError(f"{path} has no usable CLIP tokenizer ({e})") from None
+        mean, std = CLIP_MEAN, CLIP_STD
+        pre = path / "preprocessor_config.json"
+        if pre.is_file():
+            try:
+                cfg = json.loads(pre.read_text())
+            except json.JSONDecodeError as e:
+                raise InputError(f"{pre} is not valid JSON ({e})") from None
+            mean = tuple(float(v) for v in cfg.get("image_mean", mean))
+            std = tuple(float(v) for v in cfg.get("image_std", std))
+            if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+                raise InputError(f"{pre}: image_mean/image_std must be 3 numbers (std > 0)")
+        return cls(model.to(device), tokenizer, mean, std, name=name, batch_size=batch_size)
+
+    def preprocess(self, images: torch.Tensor,
+                   box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """[-1, 1] images (B, 3, H, W) → normalised CLIP input (B, 3, S, S); ``box`` crops first."""
+        x = _images(images, "images").to(device=self.device, dtype=self.dtype)
+        if box is not None:
+            top, left, h, w = box
+            x = x[:, :, top:top + h, left:left + w]
+        x = ((x + 1) / 2).clamp(0, 1)
+        S = self.image_size
+        if tuple(x.shape[-2:]) != (S, S):
+            x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False,
+                              antialias=True)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def _pixel_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = []
+        for chunk in pixel_values.split(self.batch_size):
+            pooled = self.model.vision_model(pixel_values=chunk).pooler_output
+            out.append(self.model.visual_projection(pooled))
+        return torch.cat(out)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected CLIP image embeddings (B, D) of whole images in [-1, 1]."""
+        return self._pixel_features(self.preprocess(images))
+
+    def masked(self, images: torch.Tensor, mask: Any, mode: str = "multiply",
+               margin: float = 0.1) -> torch.Tensor:
+        """Embeddings (B, D) of the masked region (module docstring: the region rule)."""
+        images = _images(images, "images")
+        if mode not in MASK_MODES:
+            raise InputError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+        m = check_mask(mask, tuple(images.shape[-2:]))
+        box = mask_box(m, margin) if mode == "crop" else None
+        return self._pixel_features(self.preprocess(apply_mask(images, m), box))
+
+    @torch.no_grad()
+    def text_features(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Projected CLIP text embeddings (B, D)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError("texts must be a string or a non-empty list of strings")
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        out = self.model.text_model(input_ids=tok["input_ids"].to(self.device),
+                                    attention_mask=tok["attention_mask"].to(self.device))
+        return self.model.text_projection(out.pooler_output)
+
+
+def _region_features(encoder: ClipModel | DinoFeatures, images: torch.Tensor,
+                     masks: list[torch.Tensor] | None, mode: str, margin: float) -> torch.Tensor:
+    if mode not in MASK_MODES:
+        raise InputError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+    if masks is None:
+        if isinstance(encoder, ClipModel):
+            return encoder.image_features(images)
+        return encoder(images)
+    if all(m is masks[0] for m in masks):  # one mask for the whole batch: one batched call
+        return encoder.masked(images, masks[0], mode, margin)
+    return torch.cat([encoder.masked(images[i:i + 1], m, mode, margin)
+                      for i, m in enumerate(masks)])
+
+
+# ---------------------------------------------------------------------------------- metrics
+def clip_score(clip: ClipModel, images: ImagesLike, texts: str | Sequence[str], mask: Any = None,
+               mode: str = "multiply", margin: float = 0.1) -> torch.Tensor:
+    """CLIP(T, I) = cos(e_cap(T), e_img(I)) (Eq. 16), per image; ``texts`` one or one per image."""
+    x = _images(images, "images")
+    t = _texts(texts, x.shape[0], "texts")
+    feats = _region_features(clip, x, _masks(mask, x.shape[0], tuple(x.shape[-2:])), mode, margin)
+    return _cos(clip.text_features(t), feats)
+
+
+def clip_dir(clip: ClipModel, before: ImagesLike, after: ImagesLike, text: str | Sequence[str],
+             before_text: str | Sequence[str] | None = None) -> torch.Tensor:
+    """CLIP_dir (Eq. 12): cos(e_cap(T), e_img(I_a) - e_img(I_b)); higher = better edit.
+
+    ``text`` is T, the instruction describing the edit. With ``before_text`` (a caption of I_b)
+    the text direction e_cap(T) - e_cap(T_b) replaces e_cap(T) (directional CLIP similarity).
+    NaN where the image direction is zero (e.g. identical images): the cosine is undefined.
+    """
+    b, a = _pair(before, after, "before", "after")
+    n = b.shape[0]
+    d_img = clip.image_features(a).double() - clip.image_features(b).double()
+    d_txt = clip.text_features(_texts(text, n, "text")).double()
+    if before_text is not None:
+        d_txt = d_txt - clip.text_features(_texts(before_text, n, "before_text")).double()
+    return _cos(d_txt, d_img)
+
+
+def clip_sim(clip: ClipModel, a: ImagesLike, b: ImagesLike, mask: Any = None,
+             mode: str = "multiply", margin: float = 0.1) -> torch.Tensor:
+    """CLIP_sim (Eq. 13): cos(e_img(I1), e_img(I2)) over the region ``mask`` (both images)."""
+    x, y = _pair(a, b, "a", "b")
+    masks = _masks(mask, x.shape[0], tuple(x.shape[-2:]))
+    return _cos(_region_features(clip, x, masks, mode, margin),
+                _region_features(clip, y, masks, mode, margin))
+
+
+def dino_sim(dino: DinoFeatures, a: ImagesLike, b: ImagesLike, mask: Any = None,
+             mode: str = "multiply", margin: float = 0.1) -> torch.Tensor:
+    """DINO_sim (Eq. 14): cos(d_img(I1), d_img(I2)) of DINO CLS features over ``mask``."""
+    x, y = _pair(a, b, "a", "b")
+    masks = _masks(mask, x.shape[0], tuple(x.shape[-2:]))
+    return _cos(_region_features(dino, x, masks, mode, margin),
+                _region_features(dino, y, masks, mode, margin))
+
+
+def clip_diff(clip: ClipModel, before: ImagesLike, after: ImagesLike,
+              text: str | Sequence[str], mask: Any = None, mode: str = "multiply",
+              margin: float = 0.1) -> torch.Tensor:
+    """CLIP_diff (Eq. 15): CLIP(T, I_a) - CLIP(T, I_b); 0 for identical images, > 0 when the edit
+    moved the image towards T. ``mask`` (optional, not in the paper) restricts both images."""
+    b, a = _pair(before, after, "before", "after")
+    return (clip_score(clip, a, text, mask, mode, margin)
+            - clip_score(clip, b, text, mask, mode, margin))
+
+
+def clip_i(clip: ClipModel, edited: ImagesLike, exemplar: ImagesLike, mask: Any = None,
+           mode: str = "crop", margin: float = 0.1) -> torch.Tensor:
+    """CLIP-I (PIXELS): cos(e_img(edited region), e_img(exemplar)).
+
+    ``mask`` is the edit map of ``edited`` (the exemplar is used whole, and may have another
+    size); ``mode`` defaults to "crop" so the region fills CLIP's input like the exemplar does.
+    """
+    x = _images(edited, "edited")
+    y = _images(exemplar, "exemplar")
+    if y.shape[0] == 1 and x.shape[0] > 1:
+        y = y.expand(x.shape[0], -1, -1, -1)
+    if y.shape[0] != x.shape[0]:
+        raise InputError(f"exemplar must have 1 or {x.shape[0]} images, got {y.shape[0]}")
+    masks = _masks(mask, x.shape[0], tuple(x.shape[-2:]))
+    return _cos(_region_features(clip, x, masks, mode, margin), clip.image_features(y))
+
+
+def mse_inside_outside(a: ImagesLike, b: ImagesLike, mask: Any) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """(MSE inside, MSE outside) ``mask``, per image, via :func:`rbe.edit_locality` (symmetric)."""
+    from diffgeo.editing.rbe import edit_locality
+
+    x, y = _pair(a, b, "a", "b")
+    masks = _masks(mask, x.shape[0], tuple(x.shape[-2:]))
+    assert masks is not None
+    res = [edit_locality(x[i], y[i], m) for i, m in enumerate(masks)]
+    return (torch.tensor([r.mse_inside for r in res], dtype=torch.float64),
+            torch.tensor([r.mse_outside for r in res], dtype=torch.float64))
+
+
+def psnr(a: ImagesLike, b: ImagesLike, data_range: float = 2.0) -> torch.Tensor:
+    """PSNR in dB per image (:func:`diffgeo.io.psnr`; images in [-1, 1]; inf when identical)."""
+    from diffgeo.io import psnr as _psnr
+
+    x, y = _pair(a, b, "a", "b")
+    return torch.tensor([_psnr(x[i], y[i], data_range) for i in range(x.shape[0])],
+                        dtype=torch.float64)
+
+
+def _gaussian_window(window: int, sigma: float) -> torch.Tensor:
+    r = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(a: ImagesLike, b: ImagesLike, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Mean SSIM per image (Wang et al., 2004), Gaussian window, on [0, 1] intensities.
+
+    Each channel's SSIM map is computed over the valid region (no padding), averaged over pixels
+    and channels. Images in [-1, 1] are mapped to [0, 1] (data range 1). Symmetric; 1 when equal.
+    """
+    if not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise InputError(f"window must be a positive odd integer, got {window!r}")
+    if not isinstance(sigma, (int, float)) or sigma <= 0:
+        raise InputError(f"sigma must be positive, got {sigma!r}")
+    x, y = _pair(a, b, "a", "b")
+    if min(x.shape[-2:]) < window:
+        raise InputError(f"images ({x.shape[-2]}x{x.shape[-1]}) are smaller than the "
+                         f"{window}x{window} SSIM window")
+    x = ((x.double() + 1) / 2).clamp(0, 1)
+    y = ((y.double() + 1) / 2).clamp(0, 1)
+    B, C, H, W = x.shape
+    g = _gaussian_window(window, float(sigma))
+    k = (g[:, None] * g[None, :]).to(x.device)[None, None].expand(C, 1, window, window)
+
+    def blur(z: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(z, k, groups=C)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return s.mean(dim=(1, 2, 3)).cpu()
+
+
+# ---------------------------------------------------------------------------------- LPIPS / FID
+def lpips_available() -> tuple[bool, str]:
+    """Whether LPIPS can run here without downloading: the ``lpips`` package and torchvision's
+    AlexNet weights in the torch hub cache. Returns (available, reason)."""
+    from diffgeo.editing.rbe import _ALEXNET_WEIGHTS
+
+    if importlib.util.find_spec("lpips") is None:
+        return False, "LPIPS unavailable: the `lpips` package is not installed"
+    if importlib.util.find_spec("torchvision") is None:
+        return False, "LPIPS unavailable: torchvision (needed by `lpips`) is not installed"
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / _ALEXNET_WEIGHTS
+    if not hub.is_file():
+        return False, (f"LPIPS unavailable: AlexNet weights are not cached ({hub}); diffgeo "
+                       "does not download them")
+    return True, "LPIPS (AlexNet, lpips package)"
+
+
+_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def fid_available() -> tuple[bool, str]:
+    """Whether FID can run here without downloading: ``pytorch_fid`` (or torchmetrics) and the
+    FID Inception weights in the torch hub cache. Returns (available, reason)."""
+    pkg = next((p for p in ("pytorch_fid", "torchmetrics")
+                if importlib.util.find_spec(p) is not None), None)
+    if pkg is None:
+        return False, "FID unavailable: neither `pytorch_fid` nor `torchmetrics` is installed"
+    if importlib.util.find_spec("scipy") is None:
+        return False, "FID unavailable: scipy is not installed"
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / _FID_WEIGHTS
+    if not hub.is_file():
+        return False, (f"FID unavailable: the FID Inception weights are not cached ({hub}); "
+                       "diffgeo does not download them")
+    return True, f"FID ({pkg}, Inception weights {_FID_WEIGHTS})"
+
+
+__all__ = ["CLIP_DEFAULT", "ClipModel", "clip_dir", "clip_diff", "clip_i", "clip_score",
+           "clip_sim", "dino_sim", "fid_available", "lpips_available", "mse_inside_outside",
+           "psnr", "ssim"]

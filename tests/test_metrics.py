@@ -1,0 +1,225 @@
+"""diffgeo.metrics on tiny CLIP / DINO models built from configs (no weights are downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import _write_tokenizer  # noqa: E402
+
+from diffgeo import metrics  # noqa: E402
+from diffgeo.errors import InputError, ModelNotFoundError  # noqa: E402
+from diffgeo.perceptual import DinoFeatures  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = tmp_path_factory.mktemp("clip")
+    tok = _write_tokenizer(folder)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok.get_vocab()), max_position_embeddings=16,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1, **small),
+        vision_config=dict(image_size=32, patch_size=8, **small),
+        projection_dim=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = CLIPModel(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return metrics.ClipModel.load(folder)
+
+
+@pytest.fixture(scope="module")
+def dino(tmp_path_factory):
+    from transformers import ViTConfig, ViTModel
+
+    folder = tmp_path_factory.mktemp("dino")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64), add_pooling_layer=False)
+    model.save_pretrained(folder, safe_serialization=True)
+    return DinoFeatures.load(folder)
+
+
+def _imgs(n=3, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def _mask(size=32):
+    m = torch.zeros(size, size)
+    m[8:20, 10:24] = 1
+    return m
+
+
+def test_clip_load_and_features(clip):
+    x = _imgs(2)
+    f = clip.image_features(x)
+    assert f.shape == (2, 16)
+    t = clip.text_features(["a cat", "dog"])
+    assert t.shape == (2, 16)
+    assert clip.image_size == 32
+
+
+def test_offline_unknown_id(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        metrics.ClipModel.load("nobody-here/no-such-clip-model")
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        metrics.ClipModel.load(str(tmp_path / "missing" / "x"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="safetensors"):
+        metrics.ClipModel.load(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["multiply", "crop"])
+def test_identical_images(clip, dino, mode):
+    x = _imgs(2)
+    m = _mask()
+    one = torch.ones(2, dtype=torch.float64)
+    for mask in (None, m):
+        assert torch.allclose(metrics.clip_sim(clip, x, x, mask, mode), one, atol=1e-6)
+        assert torch.allclose(metrics.dino_sim(dino, x, x, mask, mode), one, atol=1e-6)
+        diff = metrics.clip_diff(clip, x, x, "a cat", mask, mode)
+        assert torch.equal(diff, torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(metrics.clip_i(clip, x, x), torch.ones(2, dtype=torch.float64), atol=1e-6)
+    # CLIP_dir is undefined for a zero image direction: NaN, never a silent 0.
+    assert torch.isnan(metrics.clip_dir(clip, x, x, "make it red")).all()
+    assert torch.isinf(metrics.psnr(x, x)).all()
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(2, dtype=torch.float64))
+
+
+def test_symmetry(clip, dino):
+    a, b = _imgs(2, seed=1), _imgs(2, seed=2)
+    m = _mask()
+    for f in (lambda p, q: metrics.dino_sim(dino, p, q, m, "crop"),
+              lambda p, q: metrics.clip_sim(clip, p, q, m),
+              lambda p, q: metrics.clip_i(clip, p, q), metrics.ssim, metrics.psnr):
+        assert torch.allclose(f(a, b), f(b, a), atol=1e-7)
+    ins, outs = metrics.mse_inside_outside(a, b, m)
+    ins2, outs2 = metrics.mse_inside_outside(b, a, m)
+    assert torch.allclose(ins, ins2) and torch.allclose(outs, outs2)
+    # CLIP_diff is antisymmetric, CLIP_dir flips sign with the direction of the edit.
+    assert torch.allclose(metrics.clip_diff(clip, a, b, "cat"),
+                          -metrics.clip_diff(clip, b, a, "cat"), atol=1e-7)
+    assert torch.allclose(metrics.clip_dir(clip, a, b, "cat"),
+                          -metrics.clip_dir(clip, b, a, "cat"), atol=1e-7)
+
+
+def test_clip_formulas(clip):
+    a, b = _imgs(2, seed=3), _imgs(2, seed=4)
+    fa, fb = clip.image_features(a).double(), clip.image_features(b).double()
+    t = clip.text_features(["cat", "cat"]).double()
+    def cos(p, q):
+        return torch.nn.functional.cosine_similarity(p, q).cpu()
+
+    assert torch.allclose(metrics.clip_dir(clip, a, b, "cat"), cos(t, fb - fa), atol=1e-7)
+    assert torch.allclose(metrics.clip_score(clip, b, "cat"), cos(t, fb), atol=1e-7)
+    assert torch.allclose(metrics.clip_diff(clip, a, b, "cat"), cos(t, fb) - cos(t, fa),
+                          atol=1e-7)
+    tb = clip.text_features(["dog", "dog"]).double()
+    assert torch.allclose(metrics.clip_dir(clip, a, b, "cat", before_text="dog"),
+                          cos(t - tb, fb - fa), atol=1e-7)
+    v = metrics.clip_dir(clip, a, b, "cat")
+    assert ((v >= -1) & (v <= 1)).all()
+
+
+@pytest.mark.parametrize("mode", ["multiply", "crop"])
+def test_masks_restrict(clip, dino, mode):
+    a, b = _imgs(2, seed=5), _imgs(2, seed=6)
+    m = _mask()
+    outside = (m == 0)
+    b2 = b.clone()
+    b2[:, :, outside] = torch.rand_like(b2[:, :, outside]) * 2 - 1
+    a2 = a.clone()
+    a2[:, :, outside] = -a2[:, :, outside]
+    assert torch.allclose(metrics.dino_sim(dino, a, b, m, mode),
+                          metrics.dino_sim(dino, a2, b2, m, mode), atol=1e-6)
+    assert torch.allclose(metrics.clip_sim(clip, a, b, m, mode),
+                          metrics.clip_sim(clip, a2, b2, m, mode), atol=1e-6)
+    assert torch.allclose(metrics.clip_diff(clip, a, b, "cat", m, mode),
+                          metrics.clip_diff(clip, a2, b2, "cat", m, mode), atol=1e-6)
+    assert torch.allclose(metrics.clip_i(clip, b, a, m, mode),
+                          metrics.clip_i(clip, b2, a, m, mode), atol=1e-6)
+    # ... while without the mask they do change
+    assert not torch.allclose(metrics.dino_sim(dino, a, b), metrics.dino_sim(dino, a2, b2),
+                              atol=1e-6)
+    ins, outs = metrics.mse_inside_outside(a, b, m)
+    ins2, outs2 = metrics.mse_inside_outside(a, b2, m)
+    assert torch.allclose(ins, ins2) and not torch.allclose(outs, outs2)
+
+
+def test_batch_equals_loop(clip, dino):
+    a, b = _imgs(3, seed=7), _imgs(3, seed=8)
+    m = _mask()
+    per_masks = torch.stack([_mask(), torch.roll(_mask(), 5, 0), torch.roll(_mask(), -6, 1)])
+    texts = ["cat", "a dog", "red"]
+    calls = [
+        lambda p, q, i: metrics.clip_sim(clip, p, q, m, "crop"),
+        lambda p, q, i: metrics.dino_sim(dino, p, q, m),
+        lambda p, q, i: metrics.dino_sim(dino, p, q, per_masks if i is None else per_masks[i],
+                                         "crop"),
+        lambda p, q, i: metrics.clip_diff(clip, p, q, texts if i is None else texts[i]),
+        lambda p, q, i: metrics.clip_dir(clip, p, q, texts if i is None else texts[i]),
+        lambda p, q, i: metrics.clip_i(clip, p, q, m),
+        lambda p, q, i: metrics.ssim(p, q),
+        lambda p, q, i: metrics.psnr(p, q),
+        lambda p, q, i: metrics.mse_inside_outside(p, q, m)[0],
+    ]
+    for f in calls:
+        batch = f(a, b, None)
+        loop = torch.cat([f(a[i:i + 1], b[i:i + 1], i) for i in range(3)])
+        assert batch.shape == (3,)
+        assert torch.allclose(batch, loop, atol=1e-5), f
+
+
+def test_ssim_vs_skimage_and_noise():
+    skm = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 40), torch.linspace(0, 1, 36), indexing="ij")
+    base = torch.stack([torch.sin(6 * xx), torch.cos(5 * yy), xx * yy]) * 0.8
+    prev = 1.0
+    for noise in (0.02, 0.1, 0.4):
+        noisy = (base + noise * torch.randn(base.shape, generator=g)).clamp(-1, 1)
+        ours = float(metrics.ssim(base, noisy)[0])
+        ref = skm.structural_similarity(
+            ((base.numpy() + 1) / 2).astype(np.float64), ((noisy.numpy() + 1) / 2),
+            gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0,
+            channel_axis=0)
+        assert abs(ours - ref) < 1e-3
+        assert ours < prev
+        prev = ours
+
+
+def test_psnr_value():
+    a = torch.zeros(1, 3, 8, 8)
+    b = a + 0.2
+    assert math.isclose(float(metrics.psnr(a, b)[0]), 20.0, rel_tol=1e-6)
+
+
+def test_bad_inputs(clip):
+    with pytest.raises(InputError):
+        metrics.ssim(_imgs(1), _imgs(2))
+    with pytest.raises(InputError):
+        metrics.clip_sim(clip, _imgs(1), _imgs(1), torch.zeros(32, 32))
+    with pytest.raises(InputError, match="mode"):
+        metrics.clip_sim(clip, _imgs(1), _imgs(1), _mask(), "blur")
+    with pytest.raises(InputError):
+        metrics.clip_diff(clip, _imgs(2), _imgs(2), ["only one"])
+
+
+def test_lpips_fid_availability_reported():
+    for ok, reason in (metrics.lpips_available(), metrics.fid_available()):
+        assert isinstance(ok, bool) and isinstance(reason, str) and reason
+        if not ok:
+            assert "unavailable" in reason
