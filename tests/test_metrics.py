@@ -223,3 +223,43 @@ def test_lpips_fid_availability_reported():
         assert isinstance(ok, bool) and isinstance(reason, str) and reason
         if not ok:
             assert "unavailable" in reason
+
+
+def test_file_inputs(tmp_path, dino):
+    from PIL import Image
+
+    from diffgeo.io import load_image
+
+    paths = []
+    for i in range(2):
+        arr = (np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)
+        paths.append(tmp_path / f"im{i}.png")
+        Image.fromarray(arr).save(paths[-1])
+    mask_path = tmp_path / "mask.png"
+    Image.fromarray((_mask().numpy() * 255).astype(np.uint8)).save(mask_path)
+    tensors = torch.cat([load_image(p)[0] for p in paths])
+    assert torch.allclose(metrics.ssim(paths, paths[::-1]), metrics.ssim(tensors, tensors.flip(0)))
+    assert torch.allclose(metrics.dino_sim(dino, paths[0], paths[1], mask_path),
+                          metrics.dino_sim(dino, tensors[:1], tensors[1:], _mask()), atol=1e-6)
+
+
+def test_clip_i_exemplar_other_size_and_soft_mask(clip):
+    edited = _imgs(2, seed=9)
+    exemplar = _imgs(1, size=48, seed=10)
+    soft = _mask() * 0.7
+    v = metrics.clip_i(clip, edited, exemplar, soft)
+    loop = torch.cat([metrics.clip_i(clip, edited[i:i + 1], exemplar, soft) for i in range(2)])
+    assert v.shape == (2,) and torch.allclose(v, loop, atol=1e-6)
+    assert ((v >= -1) & (v <= 1)).all()
+
+
+def test_clip_load_dtype_string(clip, tmp_path):
+    clip.model.save_pretrained(tmp_path, safe_serialization=True)
+    clip.tokenizer.save_pretrained(tmp_path)
+    c64 = metrics.ClipModel.load(tmp_path, dtype="float64")
+    assert c64.dtype == torch.float64
+    x = _imgs(1)
+    assert torch.allclose(metrics.clip_score(c64, x, "cat"), metrics.clip_score(clip, x, "cat"),
+                          atol=1e-4)
+    with pytest.raises(InputError, match="dtype"):
+        metrics.ClipModel.load(tmp_path, dtype="int3")

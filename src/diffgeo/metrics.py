@@ -118,7 +118,7 @@ def _masks(mask: Any, batch: int, size: tuple[int, int]) -> list[torch.Tensor] |
     if isinstance(mask, (str, os.PathLike)):
         from diffgeo.io import load_mask
 
-        mask = load_mask(mask)
+        mask = load_mask(mask, size)  # drawn on the images: same size, no fitting
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.ascontiguousarray(mask))
     if isinstance(mask, torch.Tensor):
