@@ -263,3 +263,15 @@ def test_clip_load_dtype_string(clip, tmp_path):
                           atol=1e-4)
     with pytest.raises(InputError, match="dtype"):
         metrics.ClipModel.load(tmp_path, dtype="int3")
+
+
+def test_features_match_clipmodel_forward(clip):
+    x = _imgs(2, seed=11)
+    tok = clip.tokenizer(["a cat", "dog"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = clip.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                         pixel_values=clip.preprocess(x))
+    # CLIPModel's forward returns the same embeddings, L2-normalised.
+    norm = torch.nn.functional.normalize
+    assert torch.allclose(norm(clip.image_features(x)), out.image_embeds, atol=1e-5)
+    assert torch.allclose(norm(clip.text_features(["a cat", "dog"])), out.text_embeds, atol=1e-5)
