@@ -275,3 +275,17 @@ def test_features_match_clipmodel_forward(clip):
     norm = torch.nn.functional.normalize
     assert torch.allclose(norm(clip.image_features(x)), out.image_embeds, atol=1e-5)
     assert torch.allclose(norm(clip.text_features(["a cat", "dog"])), out.text_embeds, atol=1e-5)
+
+
+def test_mse_inside_outside_values():
+    a = torch.zeros(2, 3, 8, 8)
+    b = a.clone()
+    m = torch.zeros(8, 8)
+    m[:4] = 1
+    b[0, :, :4] = 0.5  # change only inside
+    b[1, :, 4:] = 1.0  # change only outside
+    ins, outs = metrics.mse_inside_outside(a, b, m)
+    assert torch.allclose(ins, torch.tensor([0.25, 0.0], dtype=torch.float64))
+    assert torch.allclose(outs, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    with pytest.raises(InputError, match="needs a mask"):
+        metrics.mse_inside_outside(a, b, None)

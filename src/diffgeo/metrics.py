@@ -371,7 +371,8 @@ def mse_inside_outside(a: ImagesLike, b: ImagesLike, mask: Any) -> tuple[torch.T
 
     x, y = _pair(a, b, "a", "b")
     masks = _masks(mask, x.shape[0], tuple(x.shape[-2:]))
-    assert masks is not None
+    if masks is None:
+        raise InputError("mse_inside_outside needs a mask")
     res = [edit_locality(x[i], y[i], m) for i, m in enumerate(masks)]
     return (torch.tensor([r.mse_inside for r in res], dtype=torch.float64),
             torch.tensor([r.mse_outside for r in res], dtype=torch.float64))
