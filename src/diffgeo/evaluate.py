@@ -1,0 +1,190 @@
+"""``diffgeo evaluate RESULTS_DIR``: metrics over a batch's finished jobs, as a papers' table.
+
+Jobs counted are the folders of RESULTS_DIR with a valid completion marker (see
+:mod:`diffgeo.batch`); each task compares the pairs that are natural for it:
+
+- invert:   input.png (the image as fitted) vs reconstruction.png.
+- exemplar: input.png (the source) vs result.png; with a CLIP model also CLIP-I of result.png
+  against exemplar-1.png.
+- apply:    the reconstruction (the first panel of result.png, which is edit-free) vs each
+  edit-J.png, grouped per strength as "apply (α=S)". MSE inside / outside the edit region is read
+  from the job's settings.json ("locality", computed by the run with the discovery mask or
+  --mask), since the region is not stored as an image.
+- curves, saliency-map, directions produce no edited image of their own: not evaluated.
+
+Metrics (:mod:`diffgeo.metrics`): psnr (dB, images in [-1, 1]), ssim, mse (mean squared
+difference on [-1, 1] images; for apply also mse_inside / mse_outside), and with ``clip`` /
+``dino`` models clip_sim / dino_sim of the same pairs (plus clip_i for exemplar). Each row is
+mean ± std over the jobs (population std, ddof = 0) and N; non-finite values (PSNR of identical
+images is inf) are left out of the mean and counted separately. Written as evaluation.csv and
+evaluation.json in RESULTS_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffgeo.errors import InputError
+
+METRICS = ("psnr", "ssim", "mse")
+EVALUATED = ("invert", "exemplar", "apply")
+
+
+@dataclass
+class Row:
+    task: str
+    metric: str
+    values: list[float] = field(default_factory=list)
+    jobs: list[str] = field(default_factory=list)
+
+    def stats(self) -> dict[str, Any]:
+        v = np.asarray(self.values, dtype=np.float64)
+        fin = v[np.isfinite(v)]
+        mean = float(fin.mean()) if fin.size else math.nan
+        std = float(fin.std(ddof=0)) if fin.size else math.nan
+        return {"task": self.task, "metric": self.metric, "mean": mean, "std": std,
+                "n": int(fin.size), "non_finite": int(v.size - fin.size)}
+
+
+def _load(path: Path) -> torch.Tensor:
+    from diffgeo.io import load_image
+
+    return load_image(path)[0].double()
+
+
+def _first_panel(strip: Path, like: torch.Tensor) -> torch.Tensor:
+    full = _load(strip)
+    return full[..., : like.shape[-1]]
+
+
+def _pairs(task: str, job_dir: Path) -> list[tuple[str, torch.Tensor, torch.Tensor, dict]]:
+    """(group, before, after, extras) for one job; extras: exemplar tensor / precomputed mse."""
+    if task == "invert":
+        return [("invert", _load(job_dir / "input.png"), _load(job_dir / "reconstruction.png"),
+                 {})]
+    if task == "exemplar":
+        extras: dict[str, Any] = {}
+        if (job_dir / "exemplar-1.png").is_file():
+            extras["exemplar"] = _load(job_dir / "exemplar-1.png")
+        return [("exemplar", _load(job_dir / "input.png"), _load(job_dir / "result.png"),
+                 extras)]
+    if task == "apply":
+        settings = json.loads((job_dir / "settings.json").read_text(encoding="utf-8"))
+        edits = sorted(job_dir.glob("edit-*.png"), key=lambda p: int(p.stem.split("-")[1]))
+        if not edits:
+            return []
+        first = _load(edits[0])
+        recon = _first_panel(job_dir / "result.png", first)
+        loc = settings.get("locality") or []
+        out = []
+        for j, (p, s) in enumerate(zip(edits, settings["strengths"], strict=False)):
+            extras = {}
+            if j < len(loc):
+                extras = {"mse_inside": loc[j]["mse_inside"], "mse_outside": loc[j]["mse_outside"]}
+            out.append((f"apply (α={s:g})", recon, _load(p), extras))
+        return out
+    return []
+
+
+def evaluate_results(results_dir: str | Path, metrics: tuple[str, ...] | list[str] = METRICS, *,
+                     clip: str | None = None, dino: str | None = None, device: str = "cpu",
+                     force: bool = False, write: bool = True) -> list[dict[str, Any]]:
+    """Evaluate every finished job under ``results_dir``; returns the table rows (dicts with
+    task, metric, mean, std, n, non_finite) and writes evaluation.csv / evaluation.json."""
+    from diffgeo import metrics as M
+    from diffgeo.batch import completed_jobs
+    from diffgeo.io import ResultDir
+
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise InputError(f"results folder {root} does not exist")
+    metrics = list(metrics)
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise InputError(f"unknown metric(s) {', '.join(bad)} (choose among {', '.join(METRICS)})")
+    results = ResultDir(root, force=force) if write else None
+    if results is not None:
+        results.path_for("evaluation.csv")
+        results.path_for("evaluation.json")
+    clip_model = M.ClipModel.load(clip, device=device) if clip else None
+    dino_model = None
+    if dino:
+        from diffgeo.perceptual import DinoFeatures
+
+        dino_model = DinoFeatures.load(dino, device)
+    rows: dict[tuple[str, str], Row] = {}
+    skipped: list[dict[str, str]] = []
+
+    def add(group: str, metric: str, value: float, job: str) -> None:
+        row = rows.setdefault((group, metric), Row(group, metric))
+        row.values.append(float(value))
+        row.jobs.append(job)
+
+    jobs = completed_jobs(root)
+    for job_id, spec in jobs:
+        task = spec.get("task")
+        if task not in EVALUATED:
+            skipped.append({"id": job_id, "reason": f"task {task!r} has no edited image"})
+            continue
+        try:
+            pairs = _pairs(task, root / job_id)
+        except (OSError, ValueError, KeyError, InputError) as e:
+            skipped.append({"id": job_id, "reason": f"{type(e).__name__}: {e}"})
+            continue
+        for group, before, after, extras in pairs:
+            if before.shape != after.shape:
+                skipped.append({"id": job_id, "reason": f"{group}: images differ in size"})
+                continue
+            if "psnr" in metrics:
+                add(group, "psnr", M.psnr(before, after)[0], job_id)
+            if "ssim" in metrics and min(before.shape[-2:]) >= 11:
+                add(group, "ssim", M.ssim(before, after)[0], job_id)
+            if "mse" in metrics:
+                add(group, "mse", float(((after - before) ** 2).mean()), job_id)
+                for k in ("mse_inside", "mse_outside"):
+                    if k in extras:
+                        add(group, k, extras[k], job_id)
+            if clip_model is not None:
+                add(group, "clip_sim", M.clip_sim(clip_model, before.float(), after.float())[0],
+                    job_id)
+                if "exemplar" in extras:
+                    add(group, "clip_i", M.clip_i(clip_model, after.float(),
+                                                  extras["exemplar"].float())[0], job_id)
+            if dino_model is not None:
+                add(group, "dino_sim", M.dino_sim(dino_model, before.float(), after.float())[0],
+                    job_id)
+    table = [r.stats() for r in rows.values()]
+    if results is not None:
+        results.save_csv("evaluation.csv", ["task", "metric", "mean", "std", "n", "non_finite"],
+                         [[r["task"], r["metric"], r["mean"], r["std"], r["n"], r["non_finite"]]
+                          for r in table])
+        results.save_json("evaluation.json", {
+            "results_dir": str(root), "metrics": metrics, "clip": clip, "dino": dino,
+            "jobs": len(jobs), "skipped": skipped, "table": table,
+            "values": {f"{r.task}/{r.metric}": dict(zip(r.jobs, r.values, strict=True))
+                       for r in rows.values()},
+        })
+    return table
+
+
+def format_table(table: list[dict[str, Any]]) -> str:
+    """The rows as text: one block per task, ``metric  mean ± std  N``."""
+    lines: list[str] = []
+    tasks: list[str] = []
+    for r in table:
+        if r["task"] not in tasks:
+            tasks.append(r["task"])
+    for task in tasks:
+        lines.append(task)
+        for r in (r for r in table if r["task"] == task):
+            extra = f"  ({r['non_finite']} non-finite left out)" if r["non_finite"] else ""
+            lines.append(f"  {r['metric']:<12} {r['mean']:>10.4g} ± {r['std']:<10.4g} "
+                         f"N={r['n']}{extra}")
+    return "\n".join(lines) if lines else "no finished jobs with images to evaluate"
