@@ -200,5 +200,34 @@ def test_evaluate_reproduces_hand_computed_numbers(tmp_path, capsys):
     assert ssim["n"] == 3
 
 
+def test_cli_batch_then_evaluate(tmp_path, tiny, image, cli):
+    from diffgeo.cli import app
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(_job(tiny, image, "a") + "\n" + json.dumps({"task": "nope"}) + "\n")
+    out = tmp_path / "out"
+    res = cli.invoke(app, ["batch", str(jobs), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 1, res.output
+    assert "a: done" in res.output and "line 2: unknown task 'nope'" in res.output
+    assert "1 done" in res.output and "1 failed" in res.output
+    res = cli.invoke(app, ["batch", str(jobs), "--out", str(out), "--device", "cpu"])
+    assert "a: skipped" in res.output
+    res = cli.invoke(app, ["batch", str(tmp_path / "none.jsonl"), "--out", str(out)])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+    res = cli.invoke(app, ["evaluate", str(out), "--metric", "psnr", "--metric", "mse"])
+    assert res.exit_code == 0, res.output
+    assert "invert" in res.output and "psnr" in res.output and "N=1" in res.output
+    assert (out / "evaluation.csv").is_file() and (out / "evaluation.json").is_file()
+    psnr = json.loads((out / "a" / "settings.json").read_text())["psnr"]
+    row = next(r for r in json.loads((out / "evaluation.json").read_text())["table"]
+               if r["metric"] == "psnr")
+    assert row["mean"] == pytest.approx(psnr, abs=0.3)  # the run's PSNR, from 8-bit PNGs
+    res = cli.invoke(app, ["evaluate", str(out)])
+    assert res.exit_code == 2 and "--force" in res.output
+    res = cli.invoke(app, ["evaluate", str(out), "--metric", "lpips", "--force"])
+    assert res.exit_code == 2 and "unknown metric" in res.output
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

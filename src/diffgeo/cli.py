@@ -355,6 +355,59 @@ def exemplar(
 
 @app.command()
 @friendly_errors
+def batch(
+    jobs: Path = typer.Argument(..., help="JSON-lines jobs file: one object per line with "
+                                "\"task\" (invert, curves, saliency-map, directions, apply, "
+                                "exemplar), optional \"id\", and the task's arguments by their "
+                                "Python names (e.g. num_steps, pixels)."),
+    out: Path = typer.Option(Path("out/batch"), help="Output folder: one sub-folder per job, "
+                             "records/ with one record per job."),
+    device: str | None = typer.Option(None, help="Device for jobs that name none (default: "
+                                      "the process's accelerate device, else cpu)."),
+) -> None:
+    """Run many jobs, skipping those already complete (resumable); under `accelerate launch`
+    the jobs are split across the processes. A failing job is recorded and the rest go on."""
+    from diffgeo.batch import current_shard, run_batch
+
+    shard = current_shard()
+    summary = run_batch(jobs, out, shard=shard, device=device,
+                        on_record=lambda r: typer.echo(_record_line(r)))
+    prefix = f"[{shard.process_index}/{shard.num_processes}] " if shard.num_processes > 1 else ""
+    typer.echo(f"{prefix}{summary.line()}; records in {out}/records/")
+    if summary.count("failed") and shard.num_processes == 1:
+        raise typer.Exit(1)
+
+
+def _record_line(rec: dict[str, Any]) -> str:
+    msg = f"{rec['id']}: {rec['status']} ({rec['seconds']:.1f} s)"
+    return msg + (f" - {rec['error']}" if rec["error"] else "")
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    results: Path = typer.Argument(..., help="A `diffgeo batch` output folder."),
+    metric: list[str] = typer.Option([], "--metric", help="psnr, ssim or mse (repeatable; "
+                                     "default: all three)."),
+    clip: str | None = typer.Option(None, help="Also CLIP_sim (and CLIP-I for exemplar jobs) "
+                                    "with this CLIP model (hub id or folder)."),
+    dino: str | None = typer.Option(None, help="Also DINO_sim with this DINO model (hub id "
+                                    "or folder)."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    force: bool = typer.Option(False, help="Overwrite evaluation.csv / evaluation.json."),
+) -> None:
+    """Metrics over a batch's finished jobs (invert, exemplar, apply): a table per task of
+    mean ± std and N, also written as RESULTS/evaluation.csv and evaluation.json."""
+    from diffgeo.evaluate import METRICS, evaluate_results, format_table
+
+    table = evaluate_results(results, metric or METRICS, clip=clip, dino=dino, device=device,
+                             force=force)
+    typer.echo(format_table(table))
+    typer.echo(f"wrote {results}/evaluation.csv and evaluation.json")
+
+
+@app.command()
+@friendly_errors
 def train(
     out: Path = typer.Option(Path("runs/model"), help="Run folder (checkpoint/, model/, log)."),
     data: str = typer.Option("scenes", help="'scenes' (the built-in ground-truth scene set) or "
