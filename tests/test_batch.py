@@ -229,5 +229,65 @@ def test_cli_batch_then_evaluate(tmp_path, tiny, image, cli):
     assert res.exit_code == 2 and "unknown metric" in res.output
 
 
+def test_killed_run_resumes_without_redoing_finished_jobs(tmp_path, tiny, image):
+    import signal
+    import time
+
+    jobs = tmp_path / "jobs.jsonl"
+    ids = [f"k{i}" for i in range(8)]
+    jobs.write_text("\n".join(_job(tiny, image, i) for i in ids) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "diffgeo.batch", str(jobs), "--out", str(out),
+                             "--device", "cpu"], env=_launcher_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:  # kill it once a job has finished
+        if (out / "records").is_dir() and any((out / "records").glob("*.json")):
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    finished = {i for i in ids if (out / i / MARKER).is_file()}
+    assert finished, "the run was killed before any job finished"
+    assert len(finished) < len(ids), "the run finished before it could be killed"
+    mtimes = {i: (out / i / MARKER).stat().st_mtime_ns for i in finished}
+    summary = run_batch(jobs, out, device="cpu")
+    status = {r["id"]: r["status"] for r in summary.records}
+    assert {i for i, s in status.items() if s == "skipped"} == finished
+    assert {i for i, s in status.items() if s == "done"} == set(ids) - finished
+    assert all((out / i / MARKER).stat().st_mtime_ns == mtimes[i] for i in finished)
+    assert all((out / i / MARKER).is_file() for i in ids)
+
+
+def test_evaluate_apply_and_exemplar_folders(tmp_path):
+    from diffgeo.batch import _atomic_write, spec_hash
+
+    out = tmp_path / "res"
+    base = np.full((16, 16, 3), 120, np.uint8)
+    # apply: result.png = reconstruction | gap | edits; edit-J.png per strength
+    d = out / "ap"
+    e0, e1 = base + 20, base.copy()
+    gap = np.full((16, 2, 3), 255, np.uint8)
+    _write(d / "result.png", np.concatenate([base, gap, e0, gap, e1], axis=1))
+    _write(d / "edit-0.png", e0)
+    _write(d / "edit-1.png", e1)
+    (d / "settings.json").write_text(json.dumps({"strengths": [-30, 0], "locality": [
+        {"strength": -30, "mse_inside": 0.5, "mse_outside": 0.1},
+        {"strength": 0, "mse_inside": 0.0, "mse_outside": 0.0}]}))
+    # exemplar: input.png vs result.png
+    x = out / "ex"
+    _write(x / "input.png", base)
+    _write(x / "result.png", base + 5)
+    _write(x / "exemplar-1.png", base)
+    for job_id, task in (("ap", "apply"), ("ex", "exemplar")):
+        spec = {"task": task, "id": job_id}
+        _atomic_write(out / job_id / MARKER, json.dumps({"hash": spec_hash(spec), "spec": spec}))
+    rows = {(r["task"], r["metric"]): r for r in evaluate_results(out, ["psnr", "mse"])}
+    assert rows[("apply (α=-30)", "mse")]["mean"] == pytest.approx((40 / 255) ** 2, rel=1e-6)
+    assert rows[("apply (α=-30)", "mse_inside")]["mean"] == 0.5
+    assert rows[("apply (α=0)", "psnr")]["non_finite"] == 1
+    assert rows[("exemplar", "mse")]["mean"] == pytest.approx((10 / 255) ** 2, rel=1e-6)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
