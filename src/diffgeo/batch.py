@@ -24,6 +24,10 @@ A failing job, or a bad line (reported as ``line N: ...``), is recorded and the 
 Under ``accelerate launch`` (``accelerate.PartialState``) job i (0-based over the non-blank lines
 in file order, valid or not) runs on process i % num_processes; no communication is needed. A job
 without ``device`` runs on the process's device (``PartialState().device``; cpu otherwise).
+Several CPU processes: with accelerate 1.15, ``accelerate launch --cpu --num_processes N`` starts
+one process unless an MPI hostfile is given; ``accelerate launch --multi_gpu --num_processes N``
+on a machine without GPUs starts N processes through torchrun, and the runner takes their place
+from RANK / WORLD_SIZE (PartialState reports a single process there).
 """
 
 from __future__ import annotations
