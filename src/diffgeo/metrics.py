@@ -66,6 +66,7 @@ from diffgeo.perceptual import (
     apply_mask,
     check_mask,
     mask_box,
+    vision_preprocess,
 )
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
@@ -233,15 +234,7 @@ class ClipModel:
                    box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         """[-1, 1] images (B, 3, H, W) → normalised CLIP input (B, 3, S, S); ``box`` crops first."""
         x = _images(images, "images").to(device=self.device, dtype=self.dtype)
-        if box is not None:
-            top, left, h, w = box
-            x = x[:, :, top:top + h, left:left + w]
-        x = ((x + 1) / 2).clamp(0, 1)
-        S = self.image_size
-        if tuple(x.shape[-2:]) != (S, S):
-            x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False,
-                              antialias=True)
-        return (x - self.mean) / self.std
+        return vision_preprocess(x, box, self.image_size, self.mean, self.std)
 
     @torch.no_grad()
     def _pixel_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -116,6 +116,20 @@ def _normalisation(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return mean, std
 
 
+def vision_preprocess(x: torch.Tensor, box: tuple[int, int, int, int] | None, size: int,
+                      mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images → optional crop (top, left, height, width) → [0, 1] → antialiased bilinear
+    resize to size×size (once, after the crop) → normalised: the input of ViT-style encoders."""
+    if box is not None:
+        top, left, h, w = box
+        x = x[:, :, top:top + h, left:left + w]
+    x = ((x + 1) / 2).clamp(0, 1)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)
+    return (x - mean) / std
+
+
 class DinoFeatures:
     """A ViT (DINO / DINOv2) seen as images in [-1, 1] → CLS features (B, D).
 
@@ -196,15 +210,7 @@ class DinoFeatures:
         ``box`` = (top, left, height, width) crops before resizing, so resizing happens once.
         """
         x = self._check_images(images).to(device=self.device, dtype=self.dtype)
-        if box is not None:
-            top, left, h, w = box
-            x = x[:, :, top:top + h, left:left + w]
-        x = ((x + 1) / 2).clamp(0, 1)
-        S = self.image_size
-        if tuple(x.shape[-2:]) != (S, S):
-            x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False,
-                              antialias=True)
-        return (x - self.mean) / self.std
+        return vision_preprocess(x, box, self.image_size, self.mean, self.std)
 
     # ------------------------------------------------------------------ features
     @torch.no_grad()
