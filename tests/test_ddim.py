@@ -378,3 +378,19 @@ def test_clip_x0_keeps_predictions_in_range_and_is_off_by_default(pixel_bb):
     assert torch.allclose(clipped.last, state, atol=1e-5)
     assert clipped.last.abs().max() <= 1 + 1e-5  # the last step lands on x̂0 itself
     assert not torch.allclose(clipped.last, plain.last)
+
+
+def test_walk_matches_invert_and_generate(pixel_bb):
+    """Walking up from a grid level continues the inversion; walking down is generation."""
+    bb = pixel_bb
+    x0 = torch.randn(1, *bb.state_shape, generator=torch.Generator().manual_seed(9))
+    inv = ddim.invert(bb, x0, 500, 10)
+    up = ddim.walk(bb, inv.at(200), 200, 500, 10)
+    assert sorted(up) == [200, 300, 400, 500]
+    assert torch.allclose(up[500], inv.at(500), atol=1e-6)
+    down = ddim.walk(bb, inv.at(500), 500, 0, 10)
+    gen = ddim.generate(bb, inv.at(500), 500, 10)
+    assert torch.allclose(down[0], gen.at(0), atol=1e-6)
+    assert ddim.walk(bb, x0, 300, 300, 10) == {300: x0}
+    with pytest.raises(InputError, match="not on the"):
+        ddim.walk(bb, x0, 310, 500, 10)

@@ -252,3 +252,30 @@ def reconstruct(backbone: Backbone, x0: torch.Tensor, t: int = 700, num_steps: i
     gen_kw = {k: kwargs[k] for k in ("spacing", "offset") if k in kwargs}
     gen = generate(backbone, inv.last, t, num_steps, cond, progress=progress, **gen_kw)
     return inv, gen
+
+
+@torch.no_grad()
+def walk(backbone: Backbone, x: torch.Tensor, t_from: int, t_to: int, num_steps: int = 50,
+         cond: Conditioning | None = None, *, spacing: str = "leading",
+         offset: int = 0) -> dict[int, torch.Tensor]:
+    """Deterministic DDIM from grid level ``t_from`` to ``t_to`` in either direction.
+
+    Upward steps are inversion steps (ε at the state they start from, with the timestep they go
+    to, as ``invert``); downward steps are generation steps (as ``generate``). Returns every
+    grid state visited, ``{t: state}``, both ends included — the path 𝒳(X_t) through a noisy
+    state that curve matching reads its X_{t_k} from.
+    """
+    _check_start(backbone, x, "x")
+    grid = ddim_grid(backbone.num_train_timesteps, num_steps, spacing, offset)
+    for name, t in (("t_from", t_from), ("t_to", t_to)):
+        if isinstance(t, bool) or not isinstance(t, int) or t not in grid:
+            raise InputError(f"{name}={t!r} is not on the {num_steps}-step {spacing} grid")
+    i, j = grid.index(t_from), grid.index(t_to)
+    out = {t_from: x}
+    step = 1 if j > i else -1
+    for k in range(i, j, step):
+        t_cur, t_next = grid[k], grid[k + step]
+        eps = backbone.eps(x, t_next if step > 0 else t_cur, cond)
+        x = ddim_step(backbone, x, t_cur, t_next, eps)
+        out[t_next] = x
+    return out
