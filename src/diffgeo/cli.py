@@ -406,6 +406,128 @@ def evaluate(
     typer.echo(f"wrote {results}/evaluation.csv and evaluation.json")
 
 
+def _curve_task(task: str, image: Path, mask: Path | None, box: str | None,
+                reference: str | None, direction: str, common: dict) -> None:
+    from diffgeo.io import parse_box, parse_point
+    from diffgeo.runs import curve_edit
+
+    res = curve_edit(task, image, mask=mask, box=parse_box(box) if box else None,
+                     reference=parse_point(reference, "--reference") if reference else None,
+                     direction=direction, progress=True, **common)
+    typer.echo(f"final loss {res['final_loss']:.4g} (mean of the last 10: "
+               f"{res['mean_loss_last_10']:.4g}); wrote {common['out']}/")
+
+
+def _curve_options(model: str, iterations: int | None, t: int, steps: int, lr: float,
+                   mode: str, snapshot_every: int, no_localized: bool, fit: str | None,
+                   out: Path, device: str, dtype: str, seed: int, force: bool) -> dict:
+    return dict(model=model, iterations=iterations, t=t, num_steps=steps, lr=lr, mode=mode,
+                snapshot_every=snapshot_every, localized=not no_localized, fit=fit, out=out,
+                device=device, dtype=dtype, seed=seed, force=force)
+
+
+_REGION_MASK = typer.Option(None, "--mask", help="Region mask image (white = region).")
+_REGION_BOX = typer.Option(None, "--box", help="Rectangular region r0,c0,r1,c1 (end exclusive).")
+_ITER = typer.Option(None, help="Adam iterations (default: 300; 70 saliency; 100 blend).")
+_T = typer.Option(700, "--t", help="Timestep of the optimised X_t (on the DDIM grid).")
+_STEPS = typer.Option(50, help="DDIM steps over the full 0..T-1 range (the grid).")
+_LR = typer.Option(0.02, help="Adam learning rate.")
+_MODE = typer.Option("fast", help="fast: reuse the path's ΔX between refreshes; faithful: "
+                     "re-integrate X_t → X_tk every iteration (the paper).")
+_SNAP = typer.Option(0, help="Keep an intermediate result every N iterations (strip.png).")
+_NOLOC = typer.Option(False, "--no-localized", help="Skip the localized blending of X_t.")
+
+
+@app.command()
+@friendly_errors
+def transfer(
+    image: Path = typer.Argument(..., help="Image to edit."),
+    reference: str = typer.Option(..., help="Reference pixel R,C whose curve the region copies."),
+    mask: Path | None = _REGION_MASK, box: str | None = _REGION_BOX,
+    model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
+    t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
+    snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
+    fit: str | None = typer.Option(None, help=FIT_HELP),
+    out: Path = typer.Option(Path("out/transfer"), help="Output folder."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP), force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """Semantic transfer by curve matching: the region's generation curves are matched to the
+    reference pixel's."""
+    _curve_task("transfer", image, mask, box, reference, "decrease", _curve_options(
+        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, fit, out, device,
+        dtype, seed, force))
+
+
+@app.command()
+@friendly_errors
+def remove(
+    image: Path = typer.Argument(..., help="Image to edit."),
+    mask: Path | None = _REGION_MASK, box: str | None = _REGION_BOX,
+    reference: str | None = typer.Option(None, help="A background pixel R,C whose curve the "
+                                         "object copies; without it the rate is minimised."),
+    model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
+    t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
+    snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
+    fit: str | None = typer.Option(None, help=FIT_HELP),
+    out: Path = typer.Option(Path("out/remove"), help="Output folder."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP), force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """Object removal by curve matching (to a background pixel, or a flat pseudo-curve)."""
+    _curve_task("remove", image, mask, box, reference, "decrease", _curve_options(
+        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, fit, out, device,
+        dtype, seed, force))
+
+
+@app.command("adjust-saliency")
+@friendly_errors
+def adjust_saliency(
+    image: Path = typer.Argument(..., help="Image to edit."),
+    increase: bool = typer.Option(False, "--increase", help="Make the region more salient."),
+    decrease: bool = typer.Option(False, "--decrease", help="Make the region less salient."),
+    mask: Path | None = _REGION_MASK, box: str | None = _REGION_BOX,
+    model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
+    t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
+    snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
+    fit: str | None = typer.Option(None, help=FIT_HELP),
+    out: Path = typer.Option(Path("out/saliency-edit"), help="Output folder."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP), force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """Saliency increase or decrease: λ1·|r|^(∓1) plus decoder feature alignment (App. D)."""
+    if increase == decrease:
+        from diffgeo.errors import InputError
+
+        raise InputError("give exactly one of --increase or --decrease")
+    _curve_task("saliency", image, mask, box, None, "increase" if increase else "decrease",
+                _curve_options(model, iterations, t, steps, lr, mode, snapshot_every,
+                               no_localized, fit, out, device, dtype, seed, force))
+
+
+@app.command()
+@friendly_errors
+def blend(
+    image: Path = typer.Argument(..., help="A composite (foreground pasted on a background)."),
+    mask: Path | None = typer.Option(None, "--mask", help="Foreground mask (white = pasted)."),
+    model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
+    t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
+    snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
+    fit: str | None = typer.Option(None, help=FIT_HELP),
+    out: Path = typer.Option(Path("out/blend"), help="Output folder."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP), force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """Image blending: decrease the saliency of the seam (the mask's 3×3 boundary band)."""
+    _curve_task("blend", image, mask, None, None, "decrease", _curve_options(
+        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, fit, out, device,
+        dtype, seed, force))
+
+
 @app.command()
 @friendly_errors
 def train(

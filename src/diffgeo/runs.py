@@ -573,3 +573,81 @@ def exemplar_edit(source: str | Path, *, exemplars: Sequence[str | Path],
     settings["result"] = result
     settings["passes"] = passes
     return settings
+
+
+CURVE_TASKS = ("transfer", "remove", "saliency", "blend")
+
+
+def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default",
+               mask: str | Path | None = None, box: Sequence[int] | None = None,
+               reference: Sequence[int] | None = None, direction: str = "decrease",
+               iterations: int | None = None, t: int = 700, num_steps: int = 50,
+               lr: float = 0.02, mode: str = "fast", refresh_every: int = 50,
+               blend_every: int = 70, t_blend: int = 500, localized: bool = True,
+               snapshot_every: int = 0, prompt: str = "", fit: str | None = None,
+               out: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
+               seed: int = 0, force: bool = False, progress: bool = False) -> dict[str, Any]:
+    """A curve-matching task (transfer, remove, saliency, blend) on an image file.
+
+    ``reference`` is a pixel (row, col) in input-image pixels (transfer; optional for remove).
+    Writes result.png, strip.png (input, snapshots every ``snapshot_every`` iterations, result),
+    curves.png (the region pixel's curve before/after, and the reference's), history.csv and
+    settings.json.
+    """
+    from diffgeo.editing import tasks
+    from diffgeo.editing.curve_matching import CurveMatchingConfig
+    from diffgeo.io import ResultDir
+    from diffgeo.plots import line_plot
+
+    if task not in CURVE_TASKS:
+        raise InputError(f"task must be one of {CURVE_TASKS}, got {task!r}")
+    bb = as_backbone(model, device, dtype)
+    results = ResultDir(out, force=force, protect=[Path(image)]) if out is not None else None
+    if results is not None:
+        for name in ("result.png", "strip.png", "curves.png", "history.csv", "settings.json"):
+            results.path_for(name)
+    x, fit_info, cond = _prepare_image(bb, image, fit, prompt)
+    region = _region_mask(bb, fit_info, mask, box)[0, 0].cpu().numpy()
+    ref = None
+    if reference is not None:
+        ref = fit_info.map_pixel(reference, "--reference")
+    defaults = {"saliency": 70, "blend": 100}.get(task, 300)
+    cfg = CurveMatchingConfig(t=t, num_steps=num_steps, iterations=iterations or defaults,
+                              lr=lr, mode=mode, refresh_every=refresh_every,
+                              blend_every=blend_every, t_blend=t_blend, localized=localized,
+                              snapshot_every=snapshot_every, seed=seed)
+    if task == "transfer":
+        if ref is None:
+            raise InputError("transfer needs --reference R,C (the pixel whose curve to copy)")
+        res = tasks.transfer(bb, x, region, ref, cfg, cond, progress)
+    elif task == "remove":
+        res = tasks.remove(bb, x, region, ref, cfg, cond, progress)
+    elif task == "saliency":
+        res = tasks.saliency(bb, x, region, direction, cfg, cond, progress)
+    else:
+        res = tasks.blend(bb, x, region, cfg, cond, progress)
+    settings: dict[str, Any] = {
+        "verb": task, "image": str(image), "model": bb.name or str(model),
+        "reference": list(reference) if reference else None, "direction": direction,
+        "fit": fit_info.to_dict(), "prompt": prompt, "device": device, "dtype": dtype,
+        "curve_matching": res.settings, "final_loss": res.losses[-1],
+        "mean_loss_last_10": float(sum(res.losses[-10:]) / len(res.losses[-10:])),
+        "environment": environment(),
+    }
+    if results is not None:
+        results.save_image("result.png", res.image)
+        results.save_strip("strip.png", [x.float().cpu(), *[im for _, im in res.snapshots],
+                                         res.image])
+        series = {"region pixel, before": res.region_curve_before.numpy(),
+                  "region pixel, after": res.region_curve_after.numpy()}
+        if res.reference_curve is not None:
+            series["reference"] = res.reference_curve.numpy()
+        line_plot(res.timesteps, series, results.path_for("curves.png"), "t", "‖Dh[e_ij]‖",
+                  f"{task}: generation curves before/after", invert_x=True)
+        results.save_csv("history.csv", ["iteration", "loss", "rate", "t_k", "row", "col",
+                                         "blended"],
+                         [[h["iteration"], h["loss"], h["rate"], h["t_k"], *h["pixel"],
+                           h["blended"]] for h in res.history])
+        results.save_json("settings.json", settings)
+    settings["result"] = res
+    return settings

@@ -37,3 +37,15 @@ __all__ += [
     "THRESHOLDS", "PixelsResult", "edit_start", "grow_and_blur", "pixels_edit",
     "pixels_iterative", "place_exemplar", "prepare_map", "threshold_schedule",
 ]
+
+from diffgeo.editing.curve_matching import (  # noqa: E402
+    CurveMatchingConfig,
+    CurveMatchingResult,
+    curve_matching,
+)
+from diffgeo.editing.tasks import blend, boundary_band, remove, saliency, transfer  # noqa: E402
+
+__all__ += [
+    "CurveMatchingConfig", "CurveMatchingResult", "blend", "boundary_band", "curve_matching",
+    "remove", "saliency", "transfer",
+]

@@ -1,0 +1,64 @@
+"""CLI for the curve-matching tasks: transfer, remove, adjust-saliency, blend."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffgeo.cli import app
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+ENV = {"COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+FAST = ["--steps", "10", "--t", "500", "--iterations", "3", "--fit", "crop"]
+
+
+@pytest.fixture(scope="module")
+def mask_file(tmp_path_factory):
+    m = np.zeros((20, 30), np.uint8)
+    m[6:14, 10:20] = 255
+    path = tmp_path_factory.mktemp("mask") / "mask.png"
+    Image.fromarray(m).save(path)
+    return path
+
+
+@pytest.mark.parametrize("verb, extra", [
+    ("transfer", ["--reference", "2,12"]),
+    ("remove", []),
+    ("remove", ["--reference", "2,12"]),
+    ("adjust-saliency", ["--increase"]),
+    ("adjust-saliency", ["--decrease", "--mode", "faithful"]),
+    ("blend", []),
+])
+def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, extra):
+    out = tmp_path / "out"
+    r = cli.invoke(app, [verb, str(image), "--model", str(tiny), "--mask", str(mask_file),
+                         *FAST, "--snapshot-every", "2", "--out", str(out), *extra], env=ENV)
+    assert r.exit_code == 0, r.output
+    for name in ("result.png", "strip.png", "curves.png", "history.csv", "settings.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert len(rows) == 3 and all(np.isfinite(float(row["loss"])) for row in rows)
+    s = json.loads((out / "settings.json").read_text())
+    assert s["curve_matching"]["iterations"] == 3
+    # input, one snapshot (iteration 2), result
+    assert Image.open(out / "strip.png").size == (3 * 16 + 2 * 2, 16)
+
+
+@pytest.mark.parametrize("verb, extra, message", [
+    ("transfer", ["--mask", "MASK"], "--reference"),
+    ("adjust-saliency", ["--mask", "MASK"], "exactly one of --increase"),
+    ("remove", [], "exactly one region"),
+    ("remove", ["--mask", "MASK", "--mode", "quick"], "mode must be"),
+    ("transfer", ["--mask", "MASK", "--reference", "2,0"], "--reference"),
+])
+def test_bad_inputs(cli, tiny, image, mask_file, tmp_path, verb, extra, message):
+    extra = [str(mask_file) if e == "MASK" else e for e in extra]
+    r = cli.invoke(app, [verb, str(image), "--model", str(tiny), *FAST, "--out",
+                         str(tmp_path / "o"), *extra], env=ENV)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
