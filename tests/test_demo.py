@@ -70,9 +70,11 @@ def test_tiny_demo_page_links_only_existing_files(tiny_demo):
     links = _check_links(tiny_demo)
     assert _sections(tiny_demo) == ["Model", "Samples", "DDIM inversion and reconstruction",
                                     "Generation curves and saliency",
+                                    "Curve matching: removal, saliency, blending",
                                     "Region-based editing (h-space directions)",
                                     "Progressive exemplar editing (PIXELS)"]
-    for name in ("curves.png", "saliency.png", "rbe-0.png", "rbe-global.png"):
+    for name in ("curves.png", "saliency.png", "rbe-0.png", "rbe-global.png", "cm-0.png",
+                 "cm-3.png"):
         assert (tiny_demo.parent / name).is_file()
     # Quick run: 8 samples in one strip, 2 scenes x (input, X_t, plain, exact), the PSNR plot.
     assert links.count("samples-0.png") == 1
