@@ -62,3 +62,22 @@ def test_bad_inputs(cli, tiny, image, mask_file, tmp_path, verb, extra, message)
                          str(tmp_path / "o"), *extra], env=ENV)
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
+
+
+def test_curve_tasks_run_in_batch_and_evaluate(tiny, image, mask_file, tmp_path):
+    from diffgeo.batch import run_batch
+    from diffgeo.evaluate import evaluate_results
+
+    common = {"image": str(image), "model": str(tiny), "mask": str(mask_file), "t": 500,
+              "num_steps": 10, "iterations": 2, "fit": "crop"}
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"task": "remove", **common}) + "\n"
+                    + json.dumps({"task": "adjust-saliency", "direction": "increase", **common})
+                    + "\n")
+    summary = run_batch(jobs, tmp_path / "res")
+    assert summary.count("done") == 2, summary.line()
+    table = evaluate_results(tmp_path / "res")
+    tasks = {row["task"] for row in table}
+    assert {"remove", "adjust-saliency"} <= tasks
+    metrics = {(row["task"], row["metric"]) for row in table}
+    assert ("remove", "mse_inside") in metrics or ("remove", "mse") in metrics

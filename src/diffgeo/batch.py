@@ -48,7 +48,8 @@ from typing import Any
 
 from diffgeo.errors import InputError
 
-TASKS = ("invert", "curves", "saliency-map", "directions", "apply", "exemplar")
+TASKS = ("invert", "curves", "saliency-map", "directions", "apply", "exemplar", "transfer",
+         "remove", "adjust-saliency", "blend")
 RESERVED = ("out", "force", "progress")
 MARKER = ".complete"
 RECORDS = "records"
@@ -56,8 +57,14 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
 def task_function(task: str) -> Callable[..., dict[str, Any]]:
+    from functools import partial
+
     from diffgeo import runs
 
+    curve = {"transfer": "transfer", "remove": "remove", "adjust-saliency": "saliency",
+             "blend": "blend"}
+    if task in curve:
+        return partial(runs.curve_edit, curve[task])
     return {"invert": runs.invert_image, "curves": runs.curves_for_image,
             "saliency-map": runs.saliency_for_image, "directions": runs.directions_for_image,
             "apply": runs.apply_for_image, "exemplar": runs.exemplar_edit}[task]

@@ -34,7 +34,7 @@ import torch
 from diffgeo.errors import InputError
 
 METRICS = ("psnr", "ssim", "mse")
-EVALUATED = ("invert", "exemplar", "apply")
+EVALUATED = ("invert", "exemplar", "apply", "transfer", "remove", "adjust-saliency", "blend")
 
 
 @dataclass
@@ -75,6 +75,11 @@ def _pairs(task: str, job_dir: Path) -> list[tuple[str, torch.Tensor, torch.Tens
             extras["exemplar"] = _load(job_dir / "exemplar-1.png")
         return [("exemplar", _load(job_dir / "input.png"), _load(job_dir / "result.png"),
                  extras)]
+    if task in ("transfer", "remove", "adjust-saliency", "blend"):
+        settings = json.loads((job_dir / "settings.json").read_text(encoding="utf-8"))
+        loc = settings.get("locality") or {}
+        return [(task, _load(job_dir / "input.png"), _load(job_dir / "result.png"),
+                 {k: loc[k] for k in ("mse_inside", "mse_outside") if k in loc})]
     if task == "apply":
         settings = json.loads((job_dir / "settings.json").read_text(encoding="utf-8"))
         edits = sorted(job_dir.glob("edit-*.png"), key=lambda p: int(p.stem.split("-")[1]))

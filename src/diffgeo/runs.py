@@ -604,7 +604,8 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
     bb = as_backbone(model, device, dtype)
     results = ResultDir(out, force=force, protect=[Path(image)]) if out is not None else None
     if results is not None:
-        for name in ("result.png", "strip.png", "curves.png", "history.csv", "settings.json"):
+        for name in ("input.png", "result.png", "strip.png", "curves.png", "history.csv",
+                     "settings.json"):
             results.path_for(name)
     x, fit_info, cond = _prepare_image(bb, image, fit, prompt)
     region = _region_mask(bb, fit_info, mask, box)[0, 0].cpu().numpy()
@@ -634,7 +635,12 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
         "mean_loss_last_10": float(sum(res.losses[-10:]) / len(res.losses[-10:])),
         "environment": environment(),
     }
+    from diffgeo.editing.rbe import edit_locality
+
+    loc = edit_locality(x.float().cpu(), res.image.float(), torch.from_numpy(region))
+    settings["locality"] = {"mse_inside": loc.mse_inside, "mse_outside": loc.mse_outside}
     if results is not None:
+        results.save_image("input.png", x.float().cpu())
         results.save_image("result.png", res.image)
         results.save_strip("strip.png", [x.float().cpu(), *[im for _, im in res.snapshots],
                                          res.image])
