@@ -236,3 +236,22 @@ def image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "photo.png"
     Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path)
     return path
+
+
+# ------------------------------------------------------------------ CLI error checks (shared)
+def _error_lines(result) -> list[str]:
+    import re
+
+    return [ln for ln in re.split(r"[\r\n]+", result.stderr) if ln.startswith("error:")]
+
+
+def _assert_user_error(result, *fragments: str) -> str:
+    """Exit 2, exactly one 'error:' line containing every fragment, and no traceback."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # not an uncaught exception
+    assert "Traceback" not in result.output
+    lines = _error_lines(result)
+    assert len(lines) == 1, result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]

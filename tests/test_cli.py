@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from conftest import _assert_user_error
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -35,22 +36,6 @@ def _invoke(cli: CliRunner, args: list[str]):
 def _invert_args(image: Path, model: Path | str, out: Path, *extra: str) -> list:
     return ["invert", image, "--model", model, "--t", "500", "--steps", "10", "--out", out,
             *extra]
-
-
-def _error_lines(result) -> list[str]:
-    return [ln for ln in re.split(r"[\r\n]+", result.stderr) if ln.startswith("error:")]
-
-
-def _assert_user_error(result, *fragments: str) -> str:
-    """Exit 2, exactly one 'error:' line containing every fragment, and no traceback."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit)  # not an uncaught exception
-    assert "Traceback" not in result.output
-    lines = _error_lines(result)
-    assert len(lines) == 1, result.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------ help

@@ -9,12 +9,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import csv
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import _assert_user_error
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -82,22 +82,6 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[float]]]:
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     return rows[0], [[float(v) for v in r] for r in rows[1:]]
-
-
-def _error_lines(result) -> list[str]:
-    return [ln for ln in re.split(r"[\r\n]+", result.stderr) if ln.startswith("error:")]
-
-
-def _assert_user_error(result, *fragments: str) -> str:
-    """Exit 2, exactly one 'error:' line containing every fragment, and no traceback."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit)  # not an uncaught exception
-    assert "Traceback" not in result.output
-    lines = _error_lines(result)
-    assert len(lines) == 1, result.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------ curves

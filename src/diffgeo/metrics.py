@@ -60,7 +60,6 @@ import torch.nn.functional as F
 from diffgeo.errors import InputError, ModelNotFoundError
 from diffgeo.hub import looks_like_path, snapshot
 from diffgeo.perceptual import (
-    _DTYPES,
     MASK_MODES,
     DinoFeatures,
     apply_mask,
@@ -68,6 +67,7 @@ from diffgeo.perceptual import (
     mask_box,
     vision_preprocess,
 )
+from diffgeo.runtime import check_device, resolve_dtype
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -184,14 +184,8 @@ class ClipModel:
         Safetensors weights only; a hub id that cannot be fetched (offline, unknown) raises
         :class:`ModelNotFoundError` naming HF_HUB_OFFLINE and the local-folder alternative.
         """
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-            dtype = _DTYPES[dtype]
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:
-            raise InputError(f"device {device!r} is not available here ({e})") from None
+        dtype = resolve_dtype(dtype)
+        check_device(device)
         name = str(name_or_path)
         path = Path(name).expanduser()
         if path.exists():

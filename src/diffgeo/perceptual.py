@@ -46,6 +46,7 @@ from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.ddim import Trajectory, predict_x0
 from diffgeo.errors import InputError, ModelNotFoundError
 from diffgeo.hub import looks_like_path, snapshot
+from diffgeo.runtime import check_device, resolve_dtype
 
 DINO_DEFAULT = "facebook/dino-vits16"
 """DINO v1 ViT-S/16, the model the paper cites (Caron et al., 2021)."""
@@ -59,9 +60,6 @@ _HUB_PATTERNS = ["config.json", "preprocessor_config.json", "model.safetensors",
                  "model-*.safetensors", "model.safetensors.index.json"]
 _HUB_PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float64": torch.float64, "fp64": torch.float64}
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -169,14 +167,8 @@ class DinoFeatures:
         ``image_size`` overrides the input resolution (default: ``config.image_size``; DINOv2's
         config says 518, its processor 224: pass 224 to match the usual DINOv2 features).
         """
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-            dtype = _DTYPES[dtype]
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as e:
-            raise InputError(f"device {device!r} is not available here ({e})") from None
+        dtype = resolve_dtype(dtype)
+        check_device(device)
         path = _resolve(name_or_path, allow_pickle)
         _check_folder(path, allow_pickle)
         from transformers import AutoConfig, AutoModel

@@ -18,6 +18,7 @@ import torch
 from diffgeo.backbones.base import Backbone
 from diffgeo.errors import InputError, ModelNotFoundError
 from diffgeo.hub import looks_like_path, snapshot
+from diffgeo.runtime import check_device, resolve_dtype
 from diffgeo.schedule import alphas_cumprod_from_config, read_scheduler_config
 
 DEFAULT_MODEL = "default"
@@ -92,18 +93,8 @@ def load_backbone(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str =
                   dtype: torch.dtype | str = torch.float32, *, allow_pickle: bool = False,
                   variant: str | None = None, resolution: int | None = None) -> Backbone:
     """Load a pixel DDPM, a Stable Diffusion (1.x/2.x/XL) checkpoint or the default model."""
-    if isinstance(dtype, str):
-        try:
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                     "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                     "float64": torch.float64, "fp64": torch.float64}[dtype]
-        except KeyError:
-            raise InputError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}"
-                             ) from None
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise InputError(f"device {device!r} is not available here ({e})") from None
+    dtype = resolve_dtype(dtype)
+    check_device(device)
     path = _resolve(name_or_path, allow_pickle, variant)
     name = str(name_or_path)
     st = not allow_pickle
