@@ -49,3 +49,7 @@ __all__ += [
     "CurveMatchingConfig", "CurveMatchingResult", "blend", "boundary_band", "curve_matching",
     "remove", "saliency", "transfer",
 ]
+
+from diffgeo.editing.inpaint import mean_fill, repaint  # noqa: E402
+
+__all__ += ["mean_fill", "repaint"]
