@@ -49,7 +49,7 @@ from typing import Any
 from diffgeo.errors import InputError
 
 TASKS = ("invert", "curves", "saliency-map", "directions", "apply", "exemplar", "transfer",
-         "remove", "adjust-saliency", "blend")
+         "remove", "adjust-saliency", "blend", "inpaint")
 RESERVED = ("out", "force", "progress")
 MARKER = ".complete"
 RECORDS = "records"
@@ -67,7 +67,8 @@ def task_function(task: str) -> Callable[..., dict[str, Any]]:
         return partial(runs.curve_edit, curve[task])
     return {"invert": runs.invert_image, "curves": runs.curves_for_image,
             "saliency-map": runs.saliency_for_image, "directions": runs.directions_for_image,
-            "apply": runs.apply_for_image, "exemplar": runs.exemplar_edit}[task]
+            "apply": runs.apply_for_image, "exemplar": runs.exemplar_edit,
+            "inpaint": runs.inpaint_image}[task]
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

@@ -482,6 +482,36 @@ def remove(
         dtype, seed, force))
 
 
+@app.command()
+@friendly_errors
+def inpaint(
+    image: Path = typer.Argument(..., help="Image to edit."),
+    mask: Path | None = _REGION_MASK, box: str | None = _REGION_BOX,
+    method: str = typer.Option("repaint", help="repaint: regenerate the region from noise with "
+                               "the model (RePaint on the DDIM grid); mean-fill: the mean "
+                               "colour of the rest. The baselines object removal is judged by."),
+    model: str = typer.Option("default", help=MODEL_HELP), steps: int = _STEPS,
+    resample: int = typer.Option(5, help="RePaint resamplings per step (1 = none)."),
+    prompt: str = typer.Option("", help="Text prompt (conditional models)."),
+    fit: str | None = typer.Option(None, help=FIT_HELP),
+    out: Path = typer.Option(Path("out/inpaint"), help="Output folder."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP), force: bool = typer.Option(False, help=FORCE_HELP),
+) -> None:
+    """Fill a region from its surroundings: the inpainting baselines for object removal."""
+    from diffgeo.io import parse_box
+    from diffgeo.runs import inpaint_image
+
+    res = inpaint_image(image, model=model, mask=mask, box=parse_box(box) if box else None,
+                        method=method, num_steps=steps, resample=resample, prompt=prompt,
+                        fit=fit, out=out, device=device, dtype=dtype, seed=seed, force=force,
+                        progress=True)
+    loc = res["locality"]
+    typer.echo(f"{method}: MSE inside {loc['mse_inside']:.4g}, outside {loc['mse_outside']:.3g};"
+               f" wrote {out}/")
+
+
 @app.command("adjust-saliency")
 @friendly_errors
 def adjust_saliency(

@@ -10,6 +10,8 @@ Jobs counted are the folders of RESULTS_DIR with a valid completion marker (see
   edit-J.png, grouped per strength as "apply (α=S)". MSE inside / outside the edit region is read
   from the job's settings.json ("locality", computed by the run with the discovery mask or
   --mask), since the region is not stored as an image.
+- transfer, remove, adjust-saliency, blend, inpaint: input.png vs result.png, with MSE inside /
+  outside the edited region from the job's settings.json ("locality").
 - curves, saliency-map, directions produce no edited image of their own: not evaluated.
 
 Metrics (:mod:`diffgeo.metrics`): psnr (dB, images in [-1, 1]), ssim, mse (mean squared
@@ -34,7 +36,8 @@ import torch
 from diffgeo.errors import InputError
 
 METRICS = ("psnr", "ssim", "mse")
-EVALUATED = ("invert", "exemplar", "apply", "transfer", "remove", "adjust-saliency", "blend")
+EVALUATED = ("invert", "exemplar", "apply", "transfer", "remove", "adjust-saliency", "blend",
+             "inpaint")
 
 
 @dataclass
@@ -75,7 +78,7 @@ def _pairs(task: str, job_dir: Path) -> list[tuple[str, torch.Tensor, torch.Tens
             extras["exemplar"] = _load(job_dir / "exemplar-1.png")
         return [("exemplar", _load(job_dir / "input.png"), _load(job_dir / "result.png"),
                  extras)]
-    if task in ("transfer", "remove", "adjust-saliency", "blend"):
+    if task in ("transfer", "remove", "adjust-saliency", "blend", "inpaint"):
         settings = json.loads((job_dir / "settings.json").read_text(encoding="utf-8"))
         loc = settings.get("locality") or {}
         return [(task, _load(job_dir / "input.png"), _load(job_dir / "result.png"),
