@@ -391,17 +391,24 @@ def evaluate(
                                      "default: all three)."),
     clip: str | None = typer.Option(None, help="Also CLIP_sim (and CLIP-I for exemplar jobs) "
                                     "with this CLIP model (hub id or folder)."),
-    dino: str | None = typer.Option(None, help="Also DINO_sim with this DINO model (hub id "
-                                    "or folder)."),
+    dino: str | None = typer.Option(None, help="Also DINO_sim per pair and fd_dino per task "
+                                    "(Fréchet distance of DINO features, inputs vs results) "
+                                    "with this DINO model (hub id or folder)."),
+    lpips: bool = typer.Option(True, help="LPIPS per pair when the lpips package and its "
+                               "AlexNet weights are already here (never downloaded)."),
+    fid: bool = typer.Option(True, help="FID per task when pytorch_fid and its Inception "
+                             "weights are already here (never downloaded)."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     force: bool = typer.Option(False, help="Overwrite evaluation.csv / evaluation.json."),
 ) -> None:
-    """Metrics over a batch's finished jobs (invert, exemplar, apply): a table per task of
-    mean ± std and N, also written as RESULTS/evaluation.csv and evaluation.json."""
+    """Metrics over a batch's finished jobs (invert, exemplar, apply, ...): a table per task of
+    mean ± std and N, also written as RESULTS/evaluation.csv and evaluation.json. Set metrics
+    (fd_dino, fid) are one value per task over its N pairs, with std nan. A metric that cannot
+    run here gets a `note:` line saying why."""
     from diffgeo.evaluate import METRICS, evaluate_results, format_table
 
     table = evaluate_results(results, metric or METRICS, clip=clip, dino=dino, device=device,
-                             force=force)
+                             force=force, lpips=lpips, fid=fid)
     typer.echo(format_table(table))
     typer.echo(f"wrote {results}/evaluation.csv and evaluation.json")
 

@@ -20,6 +20,20 @@ difference on [-1, 1] images; for apply also mse_inside / mse_outside), and with
 mean ± std over the jobs (population std, ddof = 0) and N; non-finite values (PSNR of identical
 images is inf) are left out of the mean and counted separately. Written as evaluation.csv and
 evaluation.json in RESULTS_DIR.
+
+Always added when they can run here without downloading anything (``lpips`` / ``fid`` = False
+turn them off): lpips, per pair (LPIPS AlexNet, :func:`diffgeo.metrics.lpips_distance`), and fid,
+per task (:func:`diffgeo.metrics.fid`). When they cannot run, the table has no such rows and
+``notes`` (printed under the table by :func:`format_table`, and "notes" in evaluation.json) says
+why, in one line each.
+
+Set metrics (:data:`SET_METRICS`): fd_dino (with a ``dino`` model: the Fréchet distance between
+the DINO features of all the "before" images and all the "after" images of a task,
+:func:`diffgeo.metrics.fd_dino`) and fid. Their row holds one value for the whole task: mean is
+that value, N the number of pairs it was computed from, std is NaN (a set metric has no spread
+over jobs; written "nan" in the CSV and JSON) and non_finite 0. A task with fewer than 2 pairs
+gets no set row but a note (a covariance needs 2 samples). evaluation.json lists their jobs under
+"sets". FD values depend on N (they are biased upwards for small sets): compare them at equal N.
 """
 
 from __future__ import annotations
@@ -36,6 +50,8 @@ import torch
 from diffgeo.errors import InputError
 
 METRICS = ("psnr", "ssim", "mse")
+SET_METRICS = ("fd_dino", "fid")
+"""Metrics with one value per task (over all its pairs), not one per job."""
 EVALUATED = ("invert", "exemplar", "apply", "transfer", "remove", "adjust-saliency", "blend",
              "inpaint")
 
@@ -54,6 +70,32 @@ class Row:
         std = float(fin.std(ddof=0)) if fin.size else math.nan
         return {"task": self.task, "metric": self.metric, "mean": mean, "std": std,
                 "n": int(fin.size), "non_finite": int(v.size - fin.size)}
+
+
+@dataclass
+class SetRow:
+    """A set metric of one task: features of every "before" / "after" image, one value."""
+
+    task: str
+    metric: str
+    before: list[torch.Tensor] = field(default_factory=list)
+    after: list[torch.Tensor] = field(default_factory=list)
+    jobs: list[str] = field(default_factory=list)
+    value: float = math.nan
+
+    def stats(self) -> dict[str, Any]:
+        finite = math.isfinite(self.value)
+        return {"task": self.task, "metric": self.metric, "mean": self.value, "std": math.nan,
+                "n": len(self.jobs), "non_finite": 0 if finite else 1}
+
+
+class Table(list):
+    """The table's rows (dicts: task, metric, mean, std, n, non_finite), plus ``notes``: lines
+    that say which metrics are missing and why."""
+
+    def __init__(self, rows: Any = (), notes: Any = ()):
+        super().__init__(rows)
+        self.notes: list[str] = list(notes)
 
 
 def _load(path: Path) -> torch.Tensor:
@@ -103,9 +145,14 @@ def _pairs(task: str, job_dir: Path) -> list[tuple[str, torch.Tensor, torch.Tens
 
 def evaluate_results(results_dir: str | Path, metrics: tuple[str, ...] | list[str] = METRICS, *,
                      clip: str | None = None, dino: str | None = None, device: str = "cpu",
-                     force: bool = False, write: bool = True) -> list[dict[str, Any]]:
+                     force: bool = False, write: bool = True, lpips: bool = True,
+                     fid: bool = True) -> Table:
     """Evaluate every finished job under ``results_dir``; returns the table rows (dicts with
-    task, metric, mean, std, n, non_finite) and writes evaluation.csv / evaluation.json."""
+    task, metric, mean, std, n, non_finite; a :class:`Table`, whose ``notes`` say which metrics
+    could not be computed and why) and writes evaluation.csv / evaluation.json.
+
+    ``lpips`` / ``fid``: add LPIPS per pair / FID per task when they are available locally
+    (nothing is downloaded); when they are not, a note says why instead."""
     from diffgeo import metrics as M
     from diffgeo.batch import completed_jobs
     from diffgeo.io import ResultDir
@@ -116,7 +163,8 @@ def evaluate_results(results_dir: str | Path, metrics: tuple[str, ...] | list[st
     metrics = list(metrics)
     bad = [m for m in metrics if m not in METRICS]
     if bad:
-        raise InputError(f"unknown metric(s) {', '.join(bad)} (choose among {', '.join(METRICS)})")
+        raise InputError(f"unknown metric(s) {', '.join(bad)} (choose among {', '.join(METRICS)}; "
+                         "LPIPS and FID are added when available, fd_dino with a DINO model)")
     results = ResultDir(root, force=force) if write else None
     if results is not None:
         results.path_for("evaluation.csv")
@@ -127,12 +175,36 @@ def evaluate_results(results_dir: str | Path, metrics: tuple[str, ...] | list[st
         from diffgeo.perceptual import DinoFeatures
 
         dino_model = DinoFeatures.load(dino, device)
+    notes: list[str] = []
+
+    def usable(wanted: bool, available: Any, load: Any) -> bool:
+        if not wanted:
+            return False
+        ok, reason = available()
+        if ok:
+            try:
+                load(str(device))  # load once now: a broken install is a note, not a crash
+            except InputError as e:
+                ok, reason = False, str(e)
+        if not ok:
+            notes.append(reason)
+        return ok
+
+    use_lpips = usable(lpips, M.lpips_available, M._lpips_model)
+    use_fid = usable(fid, M.fid_available, M._inception_model)
     rows: dict[tuple[str, str], Row] = {}
+    sets: dict[tuple[str, str], SetRow] = {}
     skipped: list[dict[str, str]] = []
 
     def add(group: str, metric: str, value: float, job: str) -> None:
         row = rows.setdefault((group, metric), Row(group, metric))
         row.values.append(float(value))
+        row.jobs.append(job)
+
+    def add_set(group: str, metric: str, fb: torch.Tensor, fa: torch.Tensor, job: str) -> None:
+        row = sets.setdefault((group, metric), SetRow(group, metric))
+        row.before.append(fb.double().cpu())
+        row.after.append(fa.double().cpu())
         row.jobs.append(job)
 
     jobs = completed_jobs(root)
@@ -166,24 +238,49 @@ def evaluate_results(results_dir: str | Path, metrics: tuple[str, ...] | list[st
                     add(group, "clip_i", M.clip_i(clip_model, after.float(),
                                                   extras["exemplar"].float())[0], job_id)
             if dino_model is not None:
-                add(group, "dino_sim", M.dino_sim(dino_model, before.float(), after.float())[0],
-                    job_id)
-    table = [r.stats() for r in rows.values()]
+                # the same features give DINO_sim of the pair (= M.dino_sim) and feed fd_dino
+                fb, fa = dino_model(before.float()), dino_model(after.float())
+                add(group, "dino_sim", M._cos(fb, fa)[0], job_id)
+                add_set(group, "fd_dino", fb, fa, job_id)
+            if use_lpips:
+                try:
+                    value = M.lpips_distance(before.float(), after.float(), device=device)[0]
+                except (InputError, RuntimeError) as e:  # e.g. images too small for AlexNet
+                    skipped.append({"id": job_id, "reason": f"{group}: lpips: {e}"})
+                else:
+                    add(group, "lpips", value, job_id)
+            if use_fid:
+                feats = M.inception_features(torch.cat([before, after]).float(), device=device)
+                add_set(group, "fid", feats[:1], feats[1:], job_id)
+    for (group, metric), srow in sets.items():
+        if len(srow.jobs) < 2:
+            notes.append(f"{metric} not computed for {group}: a set metric needs at least 2 "
+                         f"pairs, this task has {len(srow.jobs)}")
+            continue
+        srow.value = M.frechet_distance(torch.cat(srow.before), torch.cat(srow.after))
+    done_sets = [r for r in sets.values() if len(r.jobs) >= 2]
+    table = Table([r.stats() for r in rows.values()] + [r.stats() for r in done_sets], notes)
     if results is not None:
         results.save_csv("evaluation.csv", ["task", "metric", "mean", "std", "n", "non_finite"],
                          [[r["task"], r["metric"], r["mean"], r["std"], r["n"], r["non_finite"]]
                           for r in table])
         results.save_json("evaluation.json", {
             "results_dir": str(root), "metrics": metrics, "clip": clip, "dino": dino,
-            "jobs": len(jobs), "skipped": skipped, "table": table,
+            "jobs": len(jobs), "skipped": skipped, "table": list(table), "notes": notes,
             "values": {f"{r.task}/{r.metric}": dict(zip(r.jobs, r.values, strict=True))
                        for r in rows.values()},
+            "sets": {f"{r.task}/{r.metric}": {"value": r.value, "jobs": r.jobs}
+                     for r in done_sets},
         })
     return table
 
 
-def format_table(table: list[dict[str, Any]]) -> str:
-    """The rows as text: one block per task, ``metric  mean ± std  N``."""
+def format_table(table: list[dict[str, Any]], notes: list[str] | None = None) -> str:
+    """The rows as text: one block per task, ``metric  mean ± std  N``; set metrics (one value
+    over the task's N pairs, std NaN) say so. Then one ``note:`` line per note (``notes``, or
+    the table's own when it is a :class:`Table`)."""
+    if notes is None:
+        notes = list(getattr(table, "notes", []))
     lines: list[str] = []
     tasks: list[str] = []
     for r in table:
@@ -193,6 +290,11 @@ def format_table(table: list[dict[str, Any]]) -> str:
         lines.append(task)
         for r in (r for r in table if r["task"] == task):
             extra = f"  ({r['non_finite']} non-finite left out)" if r["non_finite"] else ""
+            if r["metric"] in SET_METRICS:
+                extra = "  (set metric: one value over the N pairs)"
             lines.append(f"  {r['metric']:<12} {r['mean']:>10.4g} ± {r['std']:<10.4g} "
                          f"N={r['n']}{extra}")
-    return "\n".join(lines) if lines else "no finished jobs with images to evaluate"
+    if not lines:
+        lines.append("no finished jobs with images to evaluate")
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)

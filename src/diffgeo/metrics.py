@@ -40,11 +40,31 @@ hub id, safetensors only; default ``openai/clip-vit-base-patch32``, since the pa
 :class:`diffgeo.perceptual.DinoFeatures` (default ``facebook/dino-vits16``, Caron et al., 2021).
 Nothing is downloaded at import. LPIPS and FID need pretrained weights (AlexNet / Inception) that
 diffgeo never downloads: :func:`lpips_available` and :func:`fid_available` say whether they are
-usable here and why not.
+usable here and why not, and :func:`lpips_distance` / :func:`fid` raise :class:`InputError` with
+that reason when they are not.
+
+Set metrics (one value for two *sets* of images, not one per image):
+
+- ``frechet_distance``: the Fréchet distance between Gaussians fitted to two feature sets (N, D),
+  FD = ‖μa − μb‖² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½), with μ the mean and Σ the unbiased
+  covariance (ddof = 1, as in pytorch_fid / numpy.cov). (Σa^½ Σb Σa^½)^½ has the same trace as the
+  (Σa Σb)^½ of the usual formula and is symmetric PSD, so both square roots come from
+  ``torch.linalg.eigh`` in float64 with eigenvalues below 0 (rounding) clamped to 0; the result is
+  clamped at 0 for the same reason. :func:`frechet_stats` gives (μ, Σ) so a reference set's
+  statistics can be cached and reused with :func:`frechet_distance_from_stats`. Each set needs
+  N >= 2. With N < D the covariances are rank-deficient: the value is still defined but biased
+  upwards for small N, so only compare distances computed with the same N.
+- ``fd_dino``: FD of DINO CLS features (:class:`diffgeo.perceptual.DinoFeatures`, whole images):
+  with a DINOv2 model at 224 px (``DinoFeatures.load("facebook/dinov2-vitl14", image_size=224)``)
+  this is FD_DINOv2 (Stein et al., 2023); with the default DINO v1 model it is the same
+  construction on DINO v1 features.
+- ``fid``: FD of the pool3 features (2048-d) of pytorch_fid's FID InceptionV3, images resized to
+  299x299 by the network; only with the pytorch_fid package and its weights already cached.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -433,21 +453,247 @@ _FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 
 
 def fid_available() -> tuple[bool, str]:
-    """Whether FID can run here without downloading: ``pytorch_fid`` (or torchmetrics) and the
-    FID Inception weights in the torch hub cache. Returns (available, reason)."""
-    pkg = next((p for p in ("pytorch_fid", "torchmetrics")
-                if importlib.util.find_spec(p) is not None), None)
-    if pkg is None:
-        return False, "FID unavailable: neither `pytorch_fid` nor `torchmetrics` is installed"
-    if importlib.util.find_spec("scipy") is None:
-        return False, "FID unavailable: scipy is not installed"
+    """Whether FID can run here without downloading: the ``pytorch_fid`` package (whose FID
+    InceptionV3 :func:`fid` uses), torchvision (which it needs) and the FID Inception weights in
+    the torch hub cache. Returns (available, reason)."""
+    if importlib.util.find_spec("pytorch_fid") is None:
+        return False, "FID unavailable: the `pytorch_fid` package is not installed"
+    if importlib.util.find_spec("torchvision") is None:
+        return False, "FID unavailable: torchvision (needed by `pytorch_fid`) is not installed"
     hub = Path(torch.hub.get_dir()) / "checkpoints" / _FID_WEIGHTS
     if not hub.is_file():
         return False, (f"FID unavailable: the FID Inception weights are not cached ({hub}); "
                        "diffgeo does not download them")
-    return True, f"FID ({pkg}, Inception weights {_FID_WEIGHTS})"
+    return True, f"FID (pytorch_fid InceptionV3, weights {_FID_WEIGHTS})"
+
+
+@functools.lru_cache(maxsize=4)
+def _lpips_model(device: str) -> torch.nn.Module:
+    """The LPIPS (AlexNet) network on ``device``, loaded once; InputError when unavailable."""
+    ok, reason = lpips_available()
+    if not ok:
+        raise InputError(reason)
+    check_device(device)
+    try:
+        import lpips as lpips_pkg  # type: ignore[import-not-found]
+
+        net = lpips_pkg.LPIPS(net="alex", verbose=False)
+    except Exception as e:  # a broken install or corrupt weights: say so, do not crash later
+        raise InputError(f"LPIPS could not be loaded ({type(e).__name__}: {e})") from None
+    return net.eval().requires_grad_(False).to(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _inception_model(device: str) -> torch.nn.Module:
+    """pytorch_fid's FID InceptionV3 (pool3, 2048-d) on ``device``, loaded once from the cached
+    weights; InputError when unavailable."""
+    ok, reason = fid_available()
+    if not ok:
+        raise InputError(reason)
+    check_device(device)
+    try:
+        from pytorch_fid.inception import InceptionV3  # type: ignore[import-not-found]
+
+        net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True,
+                          normalize_input=True)
+    except Exception as e:
+        raise InputError(f"the FID InceptionV3 could not be loaded ({type(e).__name__}: {e})"
+                         ) from None
+    return net.eval().requires_grad_(False).to(device)
+
+
+def lpips_distance(a: ImagesLike, b: ImagesLike, *, device: str = "cpu",
+                   batch_size: int = 16) -> torch.Tensor:
+    """LPIPS (AlexNet, lpips package) per image pair (B,), float64; symmetric, 0 when equal.
+
+    Only when :func:`lpips_available` says so; otherwise :class:`InputError` with its reason.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    x, y = _pair(a, b, "a", "b")
+    net = _lpips_model(str(device))
+    out = []
+    with torch.no_grad():
+        for xs, ys in zip(x.split(batch_size), y.split(batch_size), strict=True):
+            d = net(xs.to(device=device, dtype=torch.float32),
+                    ys.to(device=device, dtype=torch.float32))
+            out.append(d.reshape(d.shape[0], -1).mean(1).double().cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------- Fréchet distance
+def _feature_matrix(x: Any, name: str) -> torch.Tensor:
+    """A (N, D) tensor / array of features → float64 CPU tensor, with N >= 2 and finite."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a (N, D) tensor or array of features, "
+                         f"got {type(x).__name__}")
+    if x.ndim != 2:
+        raise InputError(f"{name} must have shape (N, D) (one feature row per image), "
+                         f"got {tuple(x.shape)}")
+    if x.shape[0] < 2:
+        raise InputError(f"{name} needs at least 2 feature rows to fit a covariance, "
+                         f"got {x.shape[0]}")
+    if x.shape[1] < 1:
+        raise InputError(f"{name} has no feature dimensions (shape {tuple(x.shape)})")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise InputError(f"{name} must hold real numbers, got {x.dtype}")
+    x = x.detach().to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def frechet_stats(feats: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ (D,), Σ (D, D)) of a feature set (N, D), float64 on the CPU; Σ is the unbiased
+    covariance (ddof = 1), as numpy.cov and pytorch_fid use."""
+    x = _feature_matrix(feats, "feats")
+    mu = x.mean(0)
+    c = x - mu
+    sigma = c.T @ c / (x.shape[0] - 1)
+    return mu, (sigma + sigma.T) / 2
+
+
+def _psd_sqrt(s: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric PSD matrix (negative rounding eigenvalues → 0)."""
+    w, v = torch.linalg.eigh((s + s.T) / 2)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def _check_stats(mu: Any, sigma: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        mu, sigma = torch.as_tensor(mu), torch.as_tensor(sigma)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(f"{name}: the mean and covariance must be numeric arrays ({e})") from None
+    if mu.is_complex() or sigma.is_complex():
+        raise InputError(f"{name}: the statistics must be real, got {mu.dtype} / {sigma.dtype}")
+    if mu.ndim != 1 or mu.shape[0] < 1:
+        raise InputError(f"{name}: the mean must be a vector (D,), got shape {tuple(mu.shape)}")
+    d = mu.shape[0]
+    if tuple(sigma.shape) != (d, d):
+        raise InputError(f"{name}: the covariance must be ({d}, {d}) for a mean of length {d}, "
+                         f"got shape {tuple(sigma.shape)}")
+    mu, sigma = mu.detach().cpu().double(), sigma.detach().cpu().double()
+    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+        raise InputError(f"{name}: the statistics contain NaN or infinite values")
+    return mu, sigma
+
+
+def frechet_distance_from_stats(mu_a: torch.Tensor, sigma_a: torch.Tensor, mu_b: torch.Tensor,
+                                sigma_b: torch.Tensor) -> float:
+    """FD between N(μa, Σa) and N(μb, Σb): ‖μa − μb‖² + tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½).
+
+    float64 eigendecompositions (no scipy); eigenvalues below 0 from rounding are clamped to 0,
+    and so is the result (the distance is >= 0).
+    """
+    mu_a, sigma_a = _check_stats(mu_a, sigma_a, "set a")
+    mu_b, sigma_b = _check_stats(mu_b, sigma_b, "set b")
+    if mu_a.shape != mu_b.shape:
+        raise InputError(f"the two sets have different feature sizes: {mu_a.shape[0]} and "
+                         f"{mu_b.shape[0]}")
+    root_a = _psd_sqrt(sigma_a)
+    m = root_a @ sigma_b @ root_a
+    eig = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0)
+    diff = mu_a - mu_b
+    fd = float(diff @ diff + torch.trace(sigma_a) + torch.trace(sigma_b) - 2 * eig.sqrt().sum())
+    return max(fd, 0.0)
+
+
+def frechet_distance(feats_a: torch.Tensor | np.ndarray,
+                     feats_b: torch.Tensor | np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (Na, D) and (Nb, D).
+
+    Symmetric; 0 for identical sets; ‖s‖² for a set and its copy shifted by s. Each set needs
+    at least 2 rows; Na and Nb may differ, D may not. See the module docstring.
+    """
+    a = _feature_matrix(feats_a, "feats_a")
+    b = _feature_matrix(feats_b, "feats_b")
+    if a.shape[1] != b.shape[1]:
+        raise InputError(f"feats_a and feats_b must have the same feature size D, got "
+                         f"{a.shape[1]} and {b.shape[1]}")
+    return frechet_distance_from_stats(*frechet_stats(a), *frechet_stats(b))
+
+
+_SET_CHUNK = 64
+
+
+def _image_chunks(images: Any, name: str):
+    """Yield (B, 3, H, W) tensors of one image set: a tensor, image path(s), or a sequence of
+    paths / (3, H, W) / (B, 3, H, W) tensors whose sizes may differ (grouped by size, in order,
+    at most 64 images at a time so a large set is never all in memory)."""
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    if isinstance(images, torch.Tensor):
+        yield _images(images, name)
+        return
+    if not isinstance(images, (list, tuple)) or not images:
+        raise InputError(f"{name} must be a tensor (B, 3, H, W) in [-1, 1] or a non-empty list "
+                         f"of images (paths or tensors), got {type(images).__name__}")
+    buf: list[torch.Tensor] = []
+    for i, item in enumerate(images):
+        if not isinstance(item, (str, os.PathLike, torch.Tensor)):
+            raise InputError(f"{name}[{i}] must be an image path or tensor, "
+                             f"got {type(item).__name__}")
+        t = _images(item, f"{name}[{i}]")
+        if buf and (t.shape[1:] != buf[0].shape[1:] or sum(len(b) for b in buf) >= _SET_CHUNK):
+            yield torch.cat(buf)
+            buf = []
+        buf.append(t)
+    if buf:
+        yield torch.cat(buf)
+
+
+def _set_features(encode: Any, images: Any, name: str) -> torch.Tensor:
+    return torch.cat([encode(chunk).double().cpu() for chunk in _image_chunks(images, name)])
+
+
+def fd_dino(dino: DinoFeatures, images_a: Any, images_b: Any) -> float:
+    """FD of DINO CLS features of two image sets (FD_DINOv2 of Stein et al., 2023, with a DINOv2
+    model): :func:`frechet_distance` of ``dino`` features of whole images.
+
+    Each set is a tensor (N, 3, H, W) in [-1, 1], image path(s), or a list of paths / tensors
+    (sizes may differ: every image is resized to the model's input); N >= 2 per set.
+    """
+    return frechet_distance(_set_features(dino, images_a, "images_a"),
+                            _set_features(dino, images_b, "images_b"))
+
+
+def inception_features(images: Any, *, device: str = "cpu", batch_size: int = 32) -> torch.Tensor:
+    """pool3 features (N, 2048) of pytorch_fid's FID InceptionV3, float64 on the CPU; images as
+    for :func:`fd_dino`. Only when :func:`fid_available`; otherwise InputError with its reason."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    net = _inception_model(str(device))
+
+    @torch.no_grad()
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for chunk in x.split(batch_size):
+            chunk = ((chunk.to(device=device, dtype=torch.float32) + 1) / 2).clamp(0, 1)
+            f = net(chunk)[0]  # (B, 2048, 1, 1); the network maps [0, 1] to its own range
+            out.append(f.reshape(f.shape[0], -1))
+        return torch.cat(out)
+
+    return _set_features(encode, images, "images")
+
+
+def fid(images_a: Any, images_b: Any, *, device: str = "cpu", batch_size: int = 32) -> float:
+    """FID: :func:`frechet_distance` of FID InceptionV3 pool3 features of two image sets.
+
+    Only with pytorch_fid and its cached weights (:func:`fid_available`); otherwise
+    :class:`InputError` with the reason. Nothing is downloaded. Sets as for :func:`fd_dino`.
+    FID is strongly biased for small sets (its covariances are 2048 x 2048): the usual
+    benchmarks use thousands of images.
+    """
+    ok, reason = fid_available()
+    if not ok:
+        raise InputError(reason)
+    return frechet_distance(inception_features(images_a, device=device, batch_size=batch_size),
+                            inception_features(images_b, device=device, batch_size=batch_size))
 
 
 __all__ = ["CLIP_DEFAULT", "ClipModel", "clip_dir", "clip_diff", "clip_i", "clip_score",
-           "clip_sim", "dino_sim", "fid_available", "lpips_available", "mse_inside_outside",
-           "psnr", "ssim"]
+           "clip_sim", "dino_sim", "fd_dino", "fid", "fid_available", "frechet_distance",
+           "frechet_distance_from_stats", "frechet_stats", "inception_features",
+           "lpips_available", "lpips_distance", "mse_inside_outside", "psnr", "ssim"]
