@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--hardware", default="2-core CPU (AMD EPYC), no GPU")
     ap.add_argument("--train-seconds", type=float, default=None)
+    ap.add_argument("--training-note", default=None,
+                    help="how the run went (resumptions, early stop): replaces the default note")
     args = ap.parse_args()
     start = time.time()
     folder = Path(args.model)
@@ -124,6 +126,8 @@ def main() -> None:
     stopped = ("" if card["total_steps"] >= planned else
                f" (stopped at step {card['total_steps']} of a planned {planned}-step cosine "
                "schedule; `diffgeo train --resume default` continues it)")
+    if args.training_note:
+        stopped = f" ({args.training_note})"
     text = f"""# diffgeo default model
 
 A small pixel-space DDPM that ships inside diffgeo so that every feature runs offline on a CPU.
