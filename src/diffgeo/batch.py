@@ -37,7 +37,6 @@ import inspect
 import json
 import os
 import re
-import secrets
 import sys
 import time
 import traceback
@@ -166,17 +165,9 @@ def read_jobs(path: str | Path) -> list[Job]:
 
 # ----------------------------------------------------------------------------- files
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from diffgeo.io import atomic_write
+
+    atomic_write(path, lambda f: f.write(text), text=True)
 
 
 def read_marker(job_dir: Path) -> dict[str, Any] | None:

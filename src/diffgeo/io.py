@@ -816,6 +816,32 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def atomic_write(target: Path, writer: Callable[[IO[Any]], None], text: bool = False) -> Path:
+    """Write ``target`` through a uniquely named temporary file in its folder, fsync and rename:
+    readers see the old file or the whole new one, never a partial write (a crash leaves no
+    temporary behind either)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        kwargs: dict[str, Any] = {"encoding": "utf-8", "newline": ""} if text else {}
+        with os.fdopen(fd, "w" if text else "wb", **kwargs) as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
 class ResultDir:
     """A folder for a run's outputs that is safe to write into.
 
@@ -867,24 +893,7 @@ class ResultDir:
 
     def _write(self, name: str, writer: Callable[[IO[Any]], None], text: bool = False) -> Path:
         target = self.path_for(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                break
-            except FileExistsError:
-                continue
-        try:
-            kwargs: dict[str, Any] = {"encoding": "utf-8", "newline": ""} if text else {}
-            with os.fdopen(fd, "w" if text else "wb", **kwargs) as f:
-                writer(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(target, writer, text)
         self._written.add(target.resolve())
         return target
 

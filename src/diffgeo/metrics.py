@@ -433,20 +433,26 @@ def ssim(a: ImagesLike, b: ImagesLike, window: int = 11, sigma: float = 1.5) -> 
 
 
 # ---------------------------------------------------------------------------------- LPIPS / FID
+def _local_metric(metric: str, package: str, weights: str, described: str) -> tuple[bool, str]:
+    """(available, reason): ``package`` and torchvision importable, ``weights`` in the torch hub
+    cache — diffgeo never downloads them."""
+    for pkg, why in ((package, "is not installed"),
+                     ("torchvision", f"(needed by `{package}`) is not installed")):
+        if importlib.util.find_spec(pkg) is None:
+            return False, f"{metric} unavailable: `{pkg}` {why}"
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / weights
+    if not hub.is_file():
+        return False, (f"{metric} unavailable: its weights are not cached ({hub}); diffgeo "
+                       "does not download them")
+    return True, described
+
+
 def lpips_available() -> tuple[bool, str]:
-    """Whether LPIPS can run here without downloading: the ``lpips`` package and torchvision's
-    AlexNet weights in the torch hub cache. Returns (available, reason)."""
+    """Whether LPIPS can run here without downloading: the ``lpips`` package, torchvision and
+    its AlexNet weights in the torch hub cache. Returns (available, reason)."""
     from diffgeo.editing.rbe import _ALEXNET_WEIGHTS
 
-    if importlib.util.find_spec("lpips") is None:
-        return False, "LPIPS unavailable: the `lpips` package is not installed"
-    if importlib.util.find_spec("torchvision") is None:
-        return False, "LPIPS unavailable: torchvision (needed by `lpips`) is not installed"
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / _ALEXNET_WEIGHTS
-    if not hub.is_file():
-        return False, (f"LPIPS unavailable: AlexNet weights are not cached ({hub}); diffgeo "
-                       "does not download them")
-    return True, "LPIPS (AlexNet, lpips package)"
+    return _local_metric("LPIPS", "lpips", _ALEXNET_WEIGHTS, "LPIPS (AlexNet, lpips package)")
 
 
 _FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -456,15 +462,8 @@ def fid_available() -> tuple[bool, str]:
     """Whether FID can run here without downloading: the ``pytorch_fid`` package (whose FID
     InceptionV3 :func:`fid` uses), torchvision (which it needs) and the FID Inception weights in
     the torch hub cache. Returns (available, reason)."""
-    if importlib.util.find_spec("pytorch_fid") is None:
-        return False, "FID unavailable: the `pytorch_fid` package is not installed"
-    if importlib.util.find_spec("torchvision") is None:
-        return False, "FID unavailable: torchvision (needed by `pytorch_fid`) is not installed"
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / _FID_WEIGHTS
-    if not hub.is_file():
-        return False, (f"FID unavailable: the FID Inception weights are not cached ({hub}); "
-                       "diffgeo does not download them")
-    return True, f"FID (pytorch_fid InceptionV3, weights {_FID_WEIGHTS})"
+    return _local_metric("FID", "pytorch_fid", _FID_WEIGHTS,
+                         f"FID (pytorch_fid InceptionV3, weights {_FID_WEIGHTS})")
 
 
 @functools.lru_cache(maxsize=4)
