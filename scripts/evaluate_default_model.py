@@ -78,19 +78,25 @@ def main() -> None:
                 metrics[key + "_mean_iterations"] = float(np.mean(iters))
             print(key, f"{metrics[key]:.2f} dB", flush=True)
 
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(args.samples, *bb.state_shape, generator=g)
-    with torch.no_grad():
-        samples = ddim.generate(bb, noise, top, 50, clip_x0=True).last.clamp(-1, 1)
-    rows = int(np.ceil(args.samples / 8))
-    grid = np.ones((rows * 34, 8 * 34, 3), np.uint8) * 255
-    for i in range(args.samples):
-        r, c = divmod(i, 8)
-        grid[r * 34:r * 34 + 32, c * 34:c * 34 + 32] = to_uint8(samples[i:i + 1])
     from PIL import Image
 
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3),
-                                 Image.Resampling.NEAREST).save(folder / "samples.png")
+    def sample_grid(eta: float, name: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(args.samples, *bb.state_shape, generator=g)
+        with torch.no_grad():
+            out = ddim.generate(bb, noise, top, 50, clip_x0=True, eta=eta,
+                                generator=torch.Generator().manual_seed(1)).last.clamp(-1, 1)
+        rows = int(np.ceil(args.samples / 8))
+        grid = np.ones((rows * 34, 8 * 34, 3), np.uint8) * 255
+        for i in range(args.samples):
+            r, c = divmod(i, 8)
+            grid[r * 34:r * 34 + 32, c * 34:c * 34 + 32] = to_uint8(out[i:i + 1])
+        Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3),
+                                     Image.Resampling.NEAREST).save(folder / name)
+        return out
+
+    samples = sample_grid(0.0, "samples.png")
+    sample_grid(1.0, "samples-eta1.png")
 
     train = scenes_to_tensor(list(generate_scenes(
         cfg["num_scenes"], seed=cfg["seed"], split="train",
@@ -166,9 +172,10 @@ horizontal flips; evaluation on the {len(scenes)} bundled held-out scenes |
 {100 * metrics['saliency_agreement']:.0f}% of {len(scenes)} scenes (paper: 86% with SD 2.1) |
 
 Samples (DDIM, 50 steps, x̂0 clipped to [-1, 1] as pixel DDPMs are sampled, seed 0):
-`samples.png`.
+`samples.png` (η = 0, deterministic) and `samples-eta1.png` (η = 1, the stochastic DDPM-like
+sampler, which gives an underfit pixel model smoother shapes).
 
-![samples](samples.png)
+![samples](samples.png) ![samples, eta 1](samples-eta1.png)
 
 {loss_md}
 Continue training with `diffgeo train --resume default --steps N --out runs/more`.
