@@ -71,6 +71,22 @@ def test_localized_blending_restores_the_outside_exactly(pixel_bb):
     assert not torch.equal(res.state, x_orig)  # the inside moved
 
 
+@pytest.mark.parametrize("iterations, blend_every", [(4, 3), (2, 70)])
+def test_outside_is_restored_after_the_last_iteration_too(pixel_bb, iterations, blend_every):
+    """Iterations after the last periodic blend (or with none at all) must not leak outside."""
+    cfg = CurveMatchingConfig(t=600, num_steps=10, iterations=iterations,
+                              blend_every=blend_every, t_blend=500, loss="minimize", lr=0.1)
+    res = curve_matching(pixel_bb, _image(), REGION, cfg)
+    assert not res.history[-1]["blended"] and res.settings["final_blend"]
+    x_orig = ddim.invert(pixel_bb, _image(), 600, 10).last
+    outside = (REGION == 0)[None, None].expand_as(x_orig)
+    assert torch.equal(res.state[outside], x_orig[outside])
+    no_blend = curve_matching(pixel_bb, _image(), REGION,
+                              CurveMatchingConfig(**{**cfg.__dict__, "localized": False}))
+    assert not no_blend.settings["final_blend"]
+    assert not torch.equal(no_blend.state[outside], x_orig[outside])
+
+
 def test_minimize_lowers_the_rate_and_history_is_complete(pixel_bb):
     cfg = CurveMatchingConfig(t=500, num_steps=10, iterations=12, refresh_every=6,
                               loss="minimize", lr=0.05, localized=False, snapshot_every=6)

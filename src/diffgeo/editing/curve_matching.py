@@ -242,12 +242,20 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
             with torch.no_grad():
                 snap = ddim.generate(backbone, x.detach(), cfg.t, cfg.num_steps, cond).last
                 snapshots.append((it + 1, backbone.to_image(snap).clamp(-1, 1).cpu()))
+    final_blend = bool(cfg.localized and cfg.t > cfg.t_blend and history
+                       and not history[-1]["blended"])
+    if final_blend:
+        # Iterations after the last periodic blend moved the outside too; without this the
+        # final image would change outside the region whenever iterations % blend_every != 0.
+        with torch.no_grad():
+            x.copy_(x * mask + x_orig * (1 - mask))
     with torch.no_grad():
         final_path = full_path(backbone, x.detach(), cfg.t, cfg.num_steps, cond)
         x_clean = ddim.generate(backbone, x.detach(), cfg.t, cfg.num_steps, cond).last
         out = backbone.to_image(x_clean).clamp(-1, 1)
     region_after = curve_of(backbone, final_path, a_pixel, cond)
-    settings = dict(cfg.__dict__, reference_pixel=list(reference_pixel) if reference_pixel
-                    else None, curve_pixel=list(a_pixel), region_pixels=len(pixels))
+    settings = dict(cfg.__dict__, final_blend=final_blend,
+                    reference_pixel=list(reference_pixel) if reference_pixel else None,
+                    curve_pixel=list(a_pixel), region_pixels=len(pixels))
     return CurveMatchingResult(out.cpu(), x.detach(), history, timesteps, region_before,
                                region_after, c_ref, snapshots, settings)
