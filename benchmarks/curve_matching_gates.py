@@ -1,0 +1,306 @@
+"""Quality gates of curve matching (issue 5) on the default model's held-out scenes.
+
+    python benchmarks/curve_matching_gates.py --out runs/cm-gates [--gates removal,saliency,modes]
+        [--scenes 8] [--removal-iterations 100] [--mode-scenes 5] [--mode-iterations 60]
+
+Every scene has its ground truth (the clean background, the object mask), so:
+
+- **removal**: the object (mask dilated by one pixel, so anti-aliased edges go too) is removed by
+  curve matching to a background pixel's curve (``tasks.remove``), by repainting the region from
+  noise with the same model (``editing.repaint``, RePaint with resampling) and by a mean-colour
+  fill (``editing.mean_fill``). Reported per method: masked MSE and PSNR of the region against
+  the true background, and MSE outside the region against the input.
+- **saliency**: ``tasks.saliency`` increase and decrease on the object; the region's fluctuation
+  (mean rate ‖Dh[e_p]‖ over 8 fixed object pixels, traced along each image's full DDIM inversion
+  path, sliding-window variance for t > 200, ``curves.fluctuation``) before and after; the gate
+  is that it moves in the requested direction on >= 80% of scenes, with the MSE outside small.
+- **modes**: fast vs faithful on the same removals (same seed, pixels and timestep draws come
+  from the same generator): final loss (mean of the last 10 iterations), the full-curve loss
+  mean |c_after - c*| over the grid, and the PSNR between the two edited images; the gate is a
+  final loss within 10%.
+
+Writes results.json, summary.md and figures (removal.png, saliency.png, modes.png) under --out.
+Timings are wall-clock on whatever machine runs it; ratios only make sense within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffgeo import ddim
+from diffgeo.backbones import load_backbone
+from diffgeo.curves import Component, fluctuation, generation_curves, salient_and_background_pixels
+from diffgeo.data import bundled_scenes
+from diffgeo.editing import mean_fill, repaint, tasks
+from diffgeo.editing.curve_matching import CurveMatchingConfig
+
+
+def as_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float() * 2 - 1
+
+
+def dilate(mask: np.ndarray) -> np.ndarray:
+    m = torch.from_numpy((mask > 0.5).astype(np.float32))[None, None]
+    return F.max_pool2d(m, 3, stride=1, padding=1)[0, 0].numpy()
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: np.ndarray) -> float:
+    m = torch.from_numpy(mask > 0.5)
+    if not bool(m.any()):
+        return float("nan")
+    return float(((a - b)[..., m] ** 2).mean())
+
+
+def psnr_from_mse(mse: float) -> float:
+    return float(10 * np.log10(4.0 / mse)) if mse > 0 else float("inf")
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x[0].permute(1, 2, 0).clamp(-1, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+
+
+def save_rows(rows: list[list[torch.Tensor]], header: list[str], path: Path, scale: int = 4):
+    """A grid image: one row per scene, one column per panel, upscaled nearest-neighbour."""
+    tiles = [[to_uint8(x) for x in row] for row in rows]
+    h, w = tiles[0][0].shape[:2]
+    gap = 2
+    grid = np.full((len(rows) * (h + gap), len(header) * (w + gap), 3), 255, np.uint8)
+    for i, row in enumerate(tiles):
+        for j, tile in enumerate(row):
+            grid[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = tile
+    im = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                      Image.NEAREST)
+    im.save(path)
+    (path.with_suffix(".txt")).write_text("columns: " + ", ".join(header) + "\n")
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+    return {"mean": float(v.mean()) if v.size else float("nan"),
+            "std": float(v.std()) if v.size else float("nan"), "n": int(v.size)}
+
+
+# ------------------------------------------------------------------------------------ removal
+def removal_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
+    methods = ("curve matching", "repaint", "mean fill")
+    per_scene, panels = [], []
+    for i, s in enumerate(tqdm(scenes, desc="removal gate")):
+        x, bg = as_tensor(s.composite), as_tensor(s.background)
+        region = dilate(s.mask)
+        _, ref = salient_and_background_pixels(region, np.random.default_rng(i), margin=3)
+        cfg = CurveMatchingConfig(iterations=args.removal_iterations, seed=i)
+        t0 = time.perf_counter()
+        cm = tasks.remove(bb, x, region, ref, cfg).image
+        t_cm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rp = repaint(bb, x, region, num_steps=50, resample=args.repaint_resample,
+                     generator=torch.Generator().manual_seed(i))
+        t_rp = time.perf_counter() - t0
+        mf = mean_fill(x, region)
+        row: dict[str, Any] = {"scene": i, "object": s.object_name,
+                               "background": s.background_name, "reference": list(ref),
+                               "region_pixels": int(region.sum()),
+                               "seconds": {"curve matching": t_cm, "repaint": t_rp}}
+        outside = 1 - region
+        for name, img in zip(methods, (cm, rp, mf), strict=True):
+            mse = masked_mse(img, bg, region)
+            row[name] = {"mse_inside_vs_background": mse, "psnr_inside": psnr_from_mse(mse),
+                         "mse_outside_vs_input": masked_mse(img, x, outside)}
+        per_scene.append(row)
+        panels.append([x, bg, cm, rp, mf])
+    save_rows(panels, ["input", "true background", *methods], out / "removal.png")
+    summary = {m: {k: summarise([r[m][k] for r in per_scene])
+                   for k in ("mse_inside_vs_background", "psnr_inside", "mse_outside_vs_input")}
+               for m in methods}
+    wins = {f"curve matching beats {b}": int(sum(
+        r["curve matching"]["mse_inside_vs_background"] < r[b]["mse_inside_vs_background"]
+        for r in per_scene)) for b in methods[1:]}
+    return {"scenes": per_scene, "summary": summary, "wins": wins,
+            "settings": {"iterations": args.removal_iterations, "t": 700,
+                         "repaint_resample": args.repaint_resample, "region": "mask dilated 3x3"}}
+
+
+# ----------------------------------------------------------------------------------- saliency
+def region_fluctuation(bb, image: torch.Tensor, pixels: tuple[tuple[int, int], ...],
+                       num_steps: int) -> float:
+    grid = ddim.ddim_grid(bb.num_train_timesteps, num_steps)
+    with torch.no_grad():
+        inv = ddim.invert(bb, bb.to_state(image.to(bb.device, bb.dtype)), grid[-1], num_steps)
+    curves = generation_curves(bb, inv, [Component("region", pixels)], "h")
+    return float(fluctuation(curves.values[0], curves.timesteps))
+
+
+def object_pixels(mask: np.ndarray, k: int, seed: int) -> tuple[tuple[int, int], ...]:
+    m = torch.from_numpy((mask > 0.5).astype(np.float32))[None, None]
+    inner = (1 - F.max_pool2d(1 - m, 3, stride=1, padding=1))[0, 0].numpy() > 0.5
+    cand = np.argwhere(inner if inner.sum() >= k else mask > 0.5)
+    pick = np.random.default_rng(seed).choice(len(cand), size=min(k, len(cand)), replace=False)
+    return tuple(sorted((int(cand[j][0]), int(cand[j][1])) for j in pick))
+
+
+def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
+    per_scene, panels = [], []
+    for i, s in enumerate(tqdm(scenes, desc="saliency gate")):
+        x = as_tensor(s.composite)
+        pixels = object_pixels(s.mask, 8, i)
+        before = region_fluctuation(bb, x, pixels, args.curve_steps)
+        row: dict[str, Any] = {"scene": i, "object": s.object_name, "pixels": pixels,
+                               "fluctuation_before": before}
+        imgs = [x]
+        for direction in ("decrease", "increase"):
+            cfg = CurveMatchingConfig(iterations=args.saliency_iterations, seed=i)
+            res = tasks.saliency(bb, x, s.mask, direction, cfg)
+            after = region_fluctuation(bb, res.image, pixels, args.curve_steps)
+            moved = after < before if direction == "decrease" else after > before
+            row[direction] = {"fluctuation_after": after, "moved_as_requested": bool(moved),
+                              "relative_change": (after - before) / before,
+                              "mse_outside": masked_mse(res.image, x, 1 - s.mask),
+                              "mse_inside": masked_mse(res.image, x, s.mask)}
+            imgs.append(res.image)
+        per_scene.append(row)
+        panels.append(imgs)
+    save_rows(panels, ["input", "decrease", "increase"], out / "saliency.png")
+    summary = {d: {"fraction_moved": float(np.mean([r[d]["moved_as_requested"]
+                                                    for r in per_scene])),
+                   "relative_change": summarise([r[d]["relative_change"] for r in per_scene]),
+                   "mse_outside": summarise([r[d]["mse_outside"] for r in per_scene]),
+                   "mse_inside": summarise([r[d]["mse_inside"] for r in per_scene])}
+               for d in ("decrease", "increase")}
+    return {"scenes": per_scene, "summary": summary,
+            "settings": {"iterations": args.saliency_iterations, "pixels": 8,
+                         "curve_steps": args.curve_steps, "definition": "h", "window": 5,
+                         "t_min": 200}}
+
+
+# -------------------------------------------------------------------------------------- modes
+def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
+    per_scene, panels = [], []
+    for i, s in enumerate(tqdm(scenes, desc="fast vs faithful")):
+        x = as_tensor(s.composite)
+        region = dilate(s.mask)
+        _, ref = salient_and_background_pixels(region, np.random.default_rng(i), margin=3)
+        row: dict[str, Any] = {"scene": i, "reference": list(ref)}
+        imgs = {}
+        for mode in ("faithful", "fast"):
+            cfg = CurveMatchingConfig(iterations=args.mode_iterations, mode=mode,
+                                      refresh_every=args.refresh_every, seed=i)
+            t0 = time.perf_counter()
+            res = tasks.remove(bb, x, region, ref, cfg)
+            secs = time.perf_counter() - t0
+            curve_loss = float((res.region_curve_after - res.reference_curve).abs().mean())
+            row[mode] = {"seconds_per_iteration": secs / args.mode_iterations,
+                         "final_loss": float(np.mean(res.losses[-10:])),
+                         "curve_loss": curve_loss,
+                         "curve_loss_before": float((res.region_curve_before
+                                                     - res.reference_curve).abs().mean())}
+            imgs[mode] = res.image
+        f, q = row["faithful"], row["fast"]
+        row["final_loss_rel_diff"] = abs(q["final_loss"] - f["final_loss"]) / f["final_loss"]
+        row["curve_loss_rel_diff"] = abs(q["curve_loss"] - f["curve_loss"]) / f["curve_loss"]
+        row["psnr_fast_vs_faithful"] = psnr_from_mse(float(((imgs["fast"] - imgs["faithful"])
+                                                            ** 2).mean()))
+        row["speedup"] = f["seconds_per_iteration"] / q["seconds_per_iteration"]
+        per_scene.append(row)
+        panels.append([x, imgs["faithful"], imgs["fast"]])
+    save_rows(panels, ["input", "faithful", "fast"], out / "modes.png")
+    summary = {k: summarise([r[k] for r in per_scene]) for k in (
+        "final_loss_rel_diff", "curve_loss_rel_diff", "psnr_fast_vs_faithful", "speedup")}
+    summary["scenes_within_10pct"] = int(sum(r["final_loss_rel_diff"] <= 0.10
+                                             for r in per_scene))
+    return {"scenes": per_scene, "summary": summary,
+            "settings": {"iterations": args.mode_iterations,
+                         "refresh_every": args.refresh_every}}
+
+
+def fmt(s: dict[str, float], digits: int = 4) -> str:
+    return f"{s['mean']:.{digits}g} ± {s['std']:.{digits}g} (N={s['n']})"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"# Curve-matching quality gates ({results['date']}, {results['model']})", ""]
+    if "removal" in results:
+        r = results["removal"]
+        lines += ["## Object removal (region vs true background)", "",
+                  "| method | masked MSE | PSNR inside (dB) | MSE outside vs input |",
+                  "|---|---|---|---|"]
+        for m, s in r["summary"].items():
+            lines.append(f"| {m} | {fmt(s['mse_inside_vs_background'])} | "
+                         f"{fmt(s['psnr_inside'])} | {fmt(s['mse_outside_vs_input'])} |")
+        lines += ["", "Scenes where curve matching has the lower masked MSE: "
+                  + ", ".join(f"{k}: {v}/{len(r['scenes'])}" for k, v in r["wins"].items()), ""]
+    if "saliency" in results:
+        r = results["saliency"]
+        lines += ["## Saliency decrease / increase (region fluctuation)", "",
+                  "| direction | moved as requested | relative change | MSE outside | "
+                  "MSE inside |", "|---|---|---|---|---|"]
+        for d, s in r["summary"].items():
+            lines.append(f"| {d} | {100 * s['fraction_moved']:.0f}% | "
+                         f"{fmt(s['relative_change'], 3)} | {fmt(s['mse_outside'])} | "
+                         f"{fmt(s['mse_inside'])} |")
+        lines.append("")
+    if "modes" in results:
+        s = results["modes"]["summary"]
+        lines += ["## Fast vs faithful", "",
+                  f"- final loss relative difference: {fmt(s['final_loss_rel_diff'], 3)}; "
+                  f"within 10% on {s['scenes_within_10pct']}/{s['speedup']['n']} scenes",
+                  f"- full-curve loss relative difference: {fmt(s['curve_loss_rel_diff'], 3)}",
+                  f"- PSNR between the two edited images: {fmt(s['psnr_fast_vs_faithful'], 3)} dB",
+                  f"- speed-up (s/it faithful / fast): {fmt(s['speedup'], 3)}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--out", type=Path, default=Path("runs/cm-gates"))
+    ap.add_argument("--gates", default="removal,saliency,modes")
+    ap.add_argument("--scenes", type=int, default=8)
+    ap.add_argument("--first-scene", type=int, default=0)
+    ap.add_argument("--removal-iterations", type=int, default=100)
+    ap.add_argument("--repaint-resample", type=int, default=5)
+    ap.add_argument("--saliency-iterations", type=int, default=70)
+    ap.add_argument("--curve-steps", type=int, default=50)
+    ap.add_argument("--mode-scenes", type=int, default=5)
+    ap.add_argument("--mode-iterations", type=int, default=60)
+    ap.add_argument("--refresh-every", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    gates = [g.strip() for g in args.gates.split(",") if g.strip()]
+    unknown = set(gates) - {"removal", "saliency", "modes"}
+    if unknown:
+        raise SystemExit(f"--gates: unknown gate(s) {sorted(unknown)}; "
+                         "choose from removal, saliency, modes")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    bb = load_backbone(args.model)
+    scenes = bundled_scenes(bb.image_size[0])[args.first_scene:args.first_scene + args.scenes]
+    results: dict[str, Any] = {"model": args.model, "date": time.strftime("%Y-%m-%d %H:%M"),
+                               "threads": torch.get_num_threads(), "args": vars(args) | {
+                                   "out": str(args.out)}}
+    t0 = time.perf_counter()
+    if "removal" in gates:
+        results["removal"] = removal_gate(bb, scenes, args, args.out)
+    if "saliency" in gates:
+        results["saliency"] = saliency_gate(bb, scenes, args, args.out)
+    if "modes" in gates:
+        results["modes"] = modes_gate(bb, scenes[:args.mode_scenes], args, args.out)
+    results["seconds"] = time.perf_counter() - t0
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    text = markdown(results)
+    (args.out / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
