@@ -186,6 +186,8 @@ def test_export_checkpoint_produces_a_loadable_model(run, tmp_path):
     out = export_checkpoint(run.out / "checkpoint", tmp_path / "exported")
     assert _weights_equal(load_file(str(out / WEIGHTS)), load_file(str(run.model / WEIGHTS)))
     assert json.loads((out / "training.json").read_text())["total_steps"] == 20
+    # The shipped config must not record the checkpoint's local path.
+    assert "_name_or_path" not in json.loads((out / "unet" / "config.json").read_text())
     assert load_backbone(out).summary().image_size == (16, 16)
     with pytest.raises(InputError, match="not a training checkpoint"):
         export_checkpoint(run.model, tmp_path / "x")

@@ -376,7 +376,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if not (ckpt / "state.json").is_file():
         raise InputError(f"{ckpt} is not a training checkpoint (no state.json)")
     state = json.loads((ckpt / "state.json").read_text())
-    unet = UNet2DModel.from_config(UNet2DModel.load_config(ckpt / "unet"))
+    config = dict(UNet2DModel.load_config(ckpt / "unet"))
+    # load_config records where it read from; a shipped model must not carry a local path.
+    config.pop("_name_or_path", None)
+    unet = UNet2DModel.from_config(config)
     unet.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
     card = {"total_steps": int(state["step"]), "config": state["config"]}
     return export_model(unet, Path(out), card)
