@@ -11,6 +11,7 @@ from diffgeo.curves import pixel_direction
 from diffgeo.editing.curve_matching import (
     CurveMatchingConfig,
     _rate,
+    blended_decode,
     curve_matching,
     full_path,
 )
@@ -87,6 +88,54 @@ def test_outside_is_restored_after_the_last_iteration_too(pixel_bb, iterations, 
     assert not torch.equal(no_blend.state[outside], x_orig[outside])
 
 
+def _edited_state(bb, t=600, steps=10):
+    """An inverted X_t with its region replaced by noise, and the unedited path through it."""
+    x_orig = ddim.invert(bb, _image(), t, steps).last
+    noise = torch.randn(x_orig.shape, generator=torch.Generator().manual_seed(9))
+    mask = REGION[None, None]
+    return x_orig * (1 - mask) + noise * mask, x_orig, full_path(bb, x_orig, t, steps, None)
+
+
+def test_blended_decode_oracles(pixel_bb):
+    edited, x_orig, orig_path = _edited_state(pixel_bb)
+    mask = REGION[None, None]
+    cfg = CurveMatchingConfig(t=600, num_steps=10, t_blend=300)
+    plain = ddim.generate(pixel_bb, x_orig, 600, 10).last
+    # Nothing edited: pasting the unedited path back changes nothing.
+    assert torch.allclose(blended_decode(pixel_bb, x_orig, orig_path, mask, cfg, None), plain,
+                          atol=1e-5)
+    # t_blend at or above t: no level to blend at, the paper's decode.
+    high = CurveMatchingConfig(t=600, num_steps=10, t_blend=600)
+    assert torch.equal(blended_decode(pixel_bb, edited, orig_path, mask, high, None),
+                       ddim.generate(pixel_bb, edited, 600, 10).last)
+    # Blending down to level 100: the outside is the unedited path's level-100 state taken
+    # through the last two steps, so it stays far closer to the unedited result.
+    low = CurveMatchingConfig(t=600, num_steps=10, t_blend=0)
+    out = blended_decode(pixel_bb, edited, orig_path, mask, low, None)
+    free = ddim.generate(pixel_bb, edited, 600, 10).last
+    outside = (REGION == 0)[None, None].expand_as(out)
+    err_blend = (out - plain)[outside].abs().max()
+    err_free = (free - plain)[outside].abs().max()
+    assert err_blend < 0.2 * err_free
+    assert not torch.allclose(out[~outside], plain[~outside], atol=1e-3)  # the edit survives
+
+
+def test_decode_blend_setting_is_used(pixel_bb):
+    cfg = dict(t=600, num_steps=10, iterations=3, blend_every=3, t_blend=300,
+               loss="minimize", lr=0.1)
+    paper = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(**cfg))
+    ours = curve_matching(pixel_bb, _image(), REGION,
+                          CurveMatchingConfig(decode_blend=True, **cfg))
+    assert torch.equal(paper.state, ours.state)  # the optimisation is the same
+    assert ours.settings["decode_blend"] and not paper.settings["decode_blend"]
+    x_orig = ddim.invert(pixel_bb, _image(), 600, 10).last
+    expected = blended_decode(pixel_bb, ours.state, full_path(pixel_bb, x_orig, 600, 10, None),
+                              REGION[None, None], CurveMatchingConfig(**cfg), None)
+    assert torch.allclose(ours.image, pixel_bb.to_image(expected).clamp(-1, 1), atol=1e-6)
+    assert torch.allclose(paper.image, pixel_bb.to_image(
+        ddim.generate(pixel_bb, paper.state, 600, 10).last).clamp(-1, 1), atol=1e-6)
+
+
 def test_minimize_lowers_the_rate_and_history_is_complete(pixel_bb):
     cfg = CurveMatchingConfig(t=500, num_steps=10, iterations=12, refresh_every=6,
                               loss="minimize", lr=0.05, localized=False, snapshot_every=6)
@@ -122,6 +171,9 @@ def test_full_path_passes_through_x_t(pixel_bb):
     (dict(iterations=0), "iterations"),
     (dict(t=510, loss="minimize"), "not on the"),
     (dict(loss="saliency", lambda2=0.0), "lambda2"),
+    (dict(loss="minimize", t_blend=-1), "t_blend"),
+    (dict(loss="minimize", t_blend=500.0), "t_blend"),
+    (dict(loss="minimize", decode_blend=True, localized=False), "needs localized"),
 ])
 def test_bad_settings(pixel_bb, kwargs, match):
     with pytest.raises(InputError, match=match):

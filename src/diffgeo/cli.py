@@ -426,10 +426,12 @@ def _curve_task(task: str, image: Path, mask: Path | None, box: str | None,
 
 
 def _curve_options(model: str, iterations: int | None, t: int, steps: int, lr: float,
-                   mode: str, snapshot_every: int, no_localized: bool, fit: str | None,
-                   out: Path, device: str, dtype: str, seed: int, force: bool) -> dict:
+                   mode: str, snapshot_every: int, no_localized: bool, decode_blend: bool,
+                   t_blend: int, fit: str | None, out: Path, device: str, dtype: str, seed: int,
+                   force: bool) -> dict:
     return dict(model=model, iterations=iterations, t=t, num_steps=steps, lr=lr, mode=mode,
-                snapshot_every=snapshot_every, localized=not no_localized, fit=fit, out=out,
+                snapshot_every=snapshot_every, localized=not no_localized,
+                decode_blend=decode_blend, t_blend=t_blend, fit=fit, out=out,
                 device=device, dtype=dtype, seed=seed, force=force)
 
 
@@ -443,6 +445,11 @@ _MODE = typer.Option("fast", help="fast: reuse the path's ΔX between refreshes;
                      "re-integrate X_t → X_tk every iteration (the paper).")
 _SNAP = typer.Option(0, help="Keep an intermediate result every N iterations (strip.png).")
 _NOLOC = typer.Option(False, "--no-localized", help="Skip the localized blending of X_t.")
+_DECODE_BLEND = typer.Option(False, "--decode-blend", help="Also paste the unedited path "
+                             "outside the region at every decode step above --t-blend (not in "
+                             "the paper; keeps the outside on small images).")
+_T_BLEND = typer.Option(500, "--t-blend", help="Blend X_t (and, with --decode-blend, the "
+                        "decode) only above this timestep.")
 
 
 @app.command()
@@ -454,6 +461,7 @@ def transfer(
     model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
+    decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
     out: Path = typer.Option(Path("out/transfer"), help="Output folder."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -463,8 +471,8 @@ def transfer(
     """Semantic transfer by curve matching: the region's generation curves are matched to the
     reference pixel's."""
     _curve_task("transfer", image, mask, box, reference, "decrease", _curve_options(
-        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, fit, out, device,
-        dtype, seed, force))
+        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
+        t_blend, fit, out, device, dtype, seed, force))
 
 
 @app.command()
@@ -477,6 +485,7 @@ def remove(
     model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
+    decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
     out: Path = typer.Option(Path("out/remove"), help="Output folder."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -485,8 +494,8 @@ def remove(
 ) -> None:
     """Object removal by curve matching (to a background pixel, or a flat pseudo-curve)."""
     _curve_task("remove", image, mask, box, reference, "decrease", _curve_options(
-        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, fit, out, device,
-        dtype, seed, force))
+        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
+        t_blend, fit, out, device, dtype, seed, force))
 
 
 @app.command()
@@ -529,6 +538,7 @@ def adjust_saliency(
     model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
+    decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
     out: Path = typer.Option(Path("out/saliency-edit"), help="Output folder."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -542,7 +552,8 @@ def adjust_saliency(
         raise InputError("give exactly one of --increase or --decrease")
     _curve_task("saliency", image, mask, box, None, "increase" if increase else "decrease",
                 _curve_options(model, iterations, t, steps, lr, mode, snapshot_every,
-                               no_localized, fit, out, device, dtype, seed, force))
+                               no_localized, decode_blend, t_blend, fit, out, device, dtype,
+                               seed, force))
 
 
 @app.command()
@@ -553,6 +564,7 @@ def blend(
     model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
+    decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
     out: Path = typer.Option(Path("out/blend"), help="Output folder."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -561,8 +573,8 @@ def blend(
 ) -> None:
     """Image blending: decrease the saliency of the seam (the mask's 3×3 boundary band)."""
     _curve_task("blend", image, mask, None, None, "decrease", _curve_options(
-        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, fit, out, device,
-        dtype, seed, force))
+        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
+        t_blend, fit, out, device, dtype, seed, force))
 
 
 @app.command()

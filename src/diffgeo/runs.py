@@ -584,7 +584,8 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                iterations: int | None = None, t: int = 700, num_steps: int = 50,
                lr: float = 0.02, mode: str = "fast", refresh_every: int = 50,
                blend_every: int = 70, t_blend: int = 500, localized: bool = True,
-               snapshot_every: int = 0, prompt: str = "", fit: str | None = None,
+               decode_blend: bool = False, snapshot_every: int = 0, prompt: str = "",
+               fit: str | None = None,
                out: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
                seed: int = 0, force: bool = False, progress: bool = False) -> dict[str, Any]:
     """A curve-matching task (transfer, remove, saliency, blend) on an image file.
@@ -616,7 +617,8 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
     cfg = CurveMatchingConfig(t=t, num_steps=num_steps, iterations=iterations or defaults,
                               lr=lr, mode=mode, refresh_every=refresh_every,
                               blend_every=blend_every, t_blend=t_blend, localized=localized,
-                              snapshot_every=snapshot_every, seed=seed)
+                              decode_blend=decode_blend, snapshot_every=snapshot_every,
+                              seed=seed)
     if task == "transfer":
         if ref is None:
             raise InputError("transfer needs --reference R,C (the pixel whose curve to copy)")
