@@ -227,6 +227,21 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dino_path(tmp_path_factory) -> Path:
+    """A seeded 2-layer ViT (32x32 input, 8x8 patches) saved as safetensors: DINO stand-in."""
+    from transformers import ViTConfig, ViTModel
+
+    folder = tmp_path_factory.mktemp("dino")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64), add_pooling_layer=False)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def image(tmp_path_factory) -> Path:
     """A 20x30 (HxW) RGB PNG: not the model's size, so --fit is needed."""
     import numpy as np

@@ -55,17 +55,8 @@ def _imgs(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def dino_folder(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTModel
-
-    folder = tmp_path_factory.mktemp("dino")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64), add_pooling_layer=False)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+def dino_folder(tiny_dino_path) -> Path:
+    return tiny_dino_path
 
 
 @pytest.fixture(scope="module")

@@ -39,17 +39,8 @@ def clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dino(tmp_path_factory):
-    from transformers import ViTConfig, ViTModel
-
-    folder = tmp_path_factory.mktemp("dino")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64), add_pooling_layer=False)
-    model.save_pretrained(folder, safe_serialization=True)
-    return DinoFeatures.load(folder)
+def dino(tiny_dino_path):
+    return DinoFeatures.load(tiny_dino_path)
 
 
 def _imgs(n=3, size=32, seed=0):
