@@ -39,7 +39,14 @@ from tqdm.auto import tqdm
 
 from diffgeo import ddim
 from diffgeo.backbones import load_backbone
-from diffgeo.curves import Component, fluctuation, generation_curves, salient_and_background_pixels
+from diffgeo.curves import (
+    Component,
+    fluctuation,
+    generation_curves,
+    pixel_direction,
+    rates_at,
+    salient_and_background_pixels,
+)
 from diffgeo.data import bundled_scenes
 from diffgeo.editing import mean_fill, repaint, tasks
 from diffgeo.editing.curve_matching import (
@@ -209,6 +216,23 @@ def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- modes
+def region_curve_loss(bb, res: CurveMatchingResult, region: np.ndarray, k: int = 16) -> float:
+    """Mean |r_t(p) - c*(t)| over k fixed region pixels and every grid level of the final X_t's
+    path: the matching loss with the optimiser's random pixel and timestep draws taken out, so
+    two runs can be compared on the same pixels whatever their seeds."""
+    cand = np.argwhere(region > 0.5)
+    pick = cand[np.random.default_rng(0).choice(len(cand), size=min(k, len(cand)),
+                                                replace=False)]
+    dirs = torch.stack([pixel_direction(bb, (int(r), int(c))) for r, c in pick])
+    cfg = res.settings
+    with torch.no_grad():
+        path = full_path(bb, res.state.to(bb.device, bb.dtype), cfg["t"], cfg["num_steps"], None)
+    ref = res.reference_curve
+    losses = [(rates_at(bb, path[t], t, dirs, "h").float().cpu() - float(ref[j])).abs().mean()
+              for j, t in enumerate(sorted(path))]
+    return float(torch.stack(losses).mean())
+
+
 def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
     per_scene, panels = [], []
     for i, s in enumerate(tqdm(scenes, desc="fast vs faithful")):
@@ -217,34 +241,55 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
         _, ref = salient_and_background_pixels(region, np.random.default_rng(i), margin=3)
         row: dict[str, Any] = {"scene": i, "reference": list(ref)}
         imgs = {}
-        for mode in ("faithful", "fast"):
+        # "faithful, other seed" is the noise floor: how far two runs of the same mode land
+        # apart when only the sampled pixels and timesteps differ.
+        runs = {"faithful": ("faithful", i), "fast": ("fast", i)}
+        if args.seed_control:
+            runs["faithful, other seed"] = ("faithful", i + 1000)
+        for name, (mode, seed) in runs.items():
             cfg = CurveMatchingConfig(iterations=args.mode_iterations, mode=mode,
-                                      refresh_every=args.refresh_every, seed=i)
+                                      refresh_every=args.refresh_every, seed=seed)
             t0 = time.perf_counter()
             res = tasks.remove(bb, x, region, ref, cfg)
             secs = time.perf_counter() - t0
             curve_loss = float((res.region_curve_after - res.reference_curve).abs().mean())
-            row[mode] = {"seconds_per_iteration": secs / args.mode_iterations,
+            region_loss = region_curve_loss(bb, res, region)
+            row[name] = {"seconds_per_iteration": secs / args.mode_iterations,
                          "final_loss": float(np.mean(res.losses[-10:])),
-                         "curve_loss": curve_loss,
+                         "curve_loss": curve_loss, "region_curve_loss": region_loss,
                          "curve_loss_before": float((res.region_curve_before
                                                      - res.reference_curve).abs().mean())}
-            imgs[mode] = res.image
+            imgs[name] = res.image
         f, q = row["faithful"], row["fast"]
         row["final_loss_rel_diff"] = abs(q["final_loss"] - f["final_loss"]) / f["final_loss"]
         row["curve_loss_rel_diff"] = abs(q["curve_loss"] - f["curve_loss"]) / f["curve_loss"]
+        row["region_loss_rel_diff"] = (abs(q["region_curve_loss"] - f["region_curve_loss"])
+                                       / f["region_curve_loss"])
+        if args.seed_control:
+            o = row["faithful, other seed"]
+            row["seed_final_loss_rel_diff"] = (abs(o["final_loss"] - f["final_loss"])
+                                               / f["final_loss"])
+            row["seed_region_loss_rel_diff"] = (
+                abs(o["region_curve_loss"] - f["region_curve_loss"]) / f["region_curve_loss"])
         row["psnr_fast_vs_faithful"] = psnr_from_mse(float(((imgs["fast"] - imgs["faithful"])
                                                             ** 2).mean()))
         row["speedup"] = f["seconds_per_iteration"] / q["seconds_per_iteration"]
         per_scene.append(row)
         panels.append([x, imgs["faithful"], imgs["fast"]])
     save_rows(panels, ["input", "faithful", "fast"], out / "modes.png")
-    summary = {k: summarise([r[k] for r in per_scene]) for k in (
-        "final_loss_rel_diff", "curve_loss_rel_diff", "psnr_fast_vs_faithful", "speedup")}
+    keys = ["final_loss_rel_diff", "curve_loss_rel_diff", "region_loss_rel_diff",
+            "psnr_fast_vs_faithful", "speedup"]
+    if args.seed_control:
+        keys += ["seed_final_loss_rel_diff", "seed_region_loss_rel_diff"]
+    summary = {k: summarise([r[k] for r in per_scene]) for k in keys}
+    summary["mean_region_curve_loss"] = {
+        m: float(np.mean([r[m]["region_curve_loss"] for r in per_scene])) for m in runs}
+    summary["scenes_region_loss_within_10pct"] = int(sum(r["region_loss_rel_diff"] <= 0.10
+                                                         for r in per_scene))
     summary["scenes_within_10pct"] = int(sum(r["final_loss_rel_diff"] <= 0.10
                                              for r in per_scene))
     return {"scenes": per_scene, "summary": summary,
-            "settings": {"iterations": args.mode_iterations,
+            "settings": {"iterations": args.mode_iterations, "seed_control": args.seed_control,
                          "refresh_every": args.refresh_every}}
 
 
@@ -281,7 +326,17 @@ def markdown(results: dict[str, Any]) -> str:
                   f"within 10% on {s['scenes_within_10pct']}/{s['speedup']['n']} scenes",
                   f"- full-curve loss relative difference: {fmt(s['curve_loss_rel_diff'], 3)}",
                   f"- PSNR between the two edited images: {fmt(s['psnr_fast_vs_faithful'], 3)} dB",
-                  f"- speed-up (s/it faithful / fast): {fmt(s['speedup'], 3)}", ""]
+                  f"- speed-up (s/it faithful / fast): {fmt(s['speedup'], 3)}",
+                  f"- region curve loss (16 fixed region pixels, every level) relative "
+                  f"difference: {fmt(s['region_loss_rel_diff'], 3)}; within 10% on "
+                  f"{s['scenes_region_loss_within_10pct']}/{s['speedup']['n']} scenes",
+                  "- mean region curve loss: " + ", ".join(
+                      f"{m} {v:.4g}" for m, v in s["mean_region_curve_loss"].items())]
+        if "seed_final_loss_rel_diff" in s:
+            lines += [f"- noise floor, faithful vs faithful with another seed: final loss "
+                      f"{fmt(s['seed_final_loss_rel_diff'], 3)}, region curve loss "
+                      f"{fmt(s['seed_region_loss_rel_diff'], 3)}"]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -299,6 +354,8 @@ def main() -> None:
     ap.add_argument("--mode-scenes", type=int, default=5)
     ap.add_argument("--mode-iterations", type=int, default=60)
     ap.add_argument("--refresh-every", type=int, default=20)
+    ap.add_argument("--seed-control", action="store_true",
+                    help="modes gate: also run faithful with another seed (the noise floor)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     gates = [g.strip() for g in args.gates.split(",") if g.strip()]
