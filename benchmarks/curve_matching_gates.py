@@ -124,7 +124,8 @@ def removal_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
         x, bg = as_tensor(s.composite), as_tensor(s.background)
         region = dilate(s.mask)
         _, ref = salient_and_background_pixels(region, np.random.default_rng(i), margin=3)
-        cfg = CurveMatchingConfig(iterations=args.removal_iterations, seed=i)
+        cfg = CurveMatchingConfig(iterations=args.removal_iterations, seed=i,
+                                  decode_blend=False)
         t0 = time.perf_counter()
         cm_result = tasks.remove(bb, x, region, ref, cfg)
         t_cm = time.perf_counter() - t0
@@ -186,7 +187,8 @@ def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
                                "fluctuation_before": before}
         imgs = [x]
         for direction in ("decrease", "increase"):
-            cfg = CurveMatchingConfig(iterations=args.saliency_iterations, seed=i)
+            cfg = CurveMatchingConfig(iterations=args.saliency_iterations, seed=i,
+                                      decode_blend=False)
             res = tasks.saliency(bb, x, s.mask, direction, cfg)
             decoded = {"": res.image,
                        " + decode blend": with_decode_blend(bb, x, s.mask, res, cfg)}
@@ -248,7 +250,8 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
             runs["faithful, other seed"] = ("faithful", i + 1000)
         for name, (mode, seed) in runs.items():
             cfg = CurveMatchingConfig(iterations=args.mode_iterations, mode=mode,
-                                      refresh_every=args.refresh_every, seed=seed)
+                                      refresh_every=args.refresh_every, seed=seed,
+                                      decode_blend=False)
             t0 = time.perf_counter()
             res = tasks.remove(bb, x, region, ref, cfg)
             secs = time.perf_counter() - t0

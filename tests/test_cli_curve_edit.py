@@ -33,7 +33,7 @@ def mask_file(tmp_path_factory):
     ("adjust-saliency", ["--increase"]),
     ("adjust-saliency", ["--decrease", "--mode", "faithful"]),
     ("blend", []),
-    ("remove", ["--decode-blend", "--t-blend", "300"]),
+    ("remove", ["--paper-decode", "--t-blend", "300"]),
 ])
 def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, extra):
     out = tmp_path / "out"
@@ -46,7 +46,7 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     assert len(rows) == 3 and all(np.isfinite(float(row["loss"])) for row in rows)
     s = json.loads((out / "settings.json").read_text())
     assert s["curve_matching"]["iterations"] == 3
-    assert s["curve_matching"]["decode_blend"] == ("--decode-blend" in extra)
+    assert s["curve_matching"]["decode_blend"] == ("--paper-decode" not in extra)
     assert s["curve_matching"]["t_blend"] == (300 if "--t-blend" in extra else 500)
     # input, one snapshot (iteration 2), result
     assert Image.open(out / "strip.png").size == (3 * 16 + 2 * 2, 16)
@@ -58,7 +58,6 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     ("remove", [], "exactly one region"),
     ("remove", ["--mask", "MASK", "--mode", "quick"], "mode must be"),
     ("transfer", ["--mask", "MASK", "--reference", "2,0"], "--reference"),
-    ("remove", ["--mask", "MASK", "--decode-blend", "--no-localized"], "needs localized"),
     ("blend", ["--mask", "MASK", "--t-blend", "-5"], "t_blend"),
 ])
 def test_bad_inputs(cli, tiny, image, mask_file, tmp_path, verb, extra, message):

@@ -123,9 +123,9 @@ def test_blended_decode_oracles(pixel_bb):
 def test_decode_blend_setting_is_used(pixel_bb):
     cfg = dict(t=600, num_steps=10, iterations=3, blend_every=3, t_blend=300,
                loss="minimize", lr=0.1)
-    paper = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(**cfg))
-    ours = curve_matching(pixel_bb, _image(), REGION,
-                          CurveMatchingConfig(decode_blend=True, **cfg))
+    paper = curve_matching(pixel_bb, _image(), REGION,
+                           CurveMatchingConfig(decode_blend=False, **cfg))
+    ours = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(**cfg))  # default
     assert torch.equal(paper.state, ours.state)  # the optimisation is the same
     assert ours.settings["decode_blend"] and not paper.settings["decode_blend"]
     x_orig = ddim.invert(pixel_bb, _image(), 600, 10).last
@@ -134,6 +134,12 @@ def test_decode_blend_setting_is_used(pixel_bb):
     assert torch.allclose(ours.image, pixel_bb.to_image(expected).clamp(-1, 1), atol=1e-6)
     assert torch.allclose(paper.image, pixel_bb.to_image(
         ddim.generate(pixel_bb, paper.state, 600, 10).last).clamp(-1, 1), atol=1e-6)
+    # Without localized editing nothing is blended: the decode is the paper's too.
+    free = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(
+        **{**cfg, "localized": False}))
+    assert not free.settings["decode_blend"]
+    assert torch.allclose(free.image, pixel_bb.to_image(
+        ddim.generate(pixel_bb, free.state, 600, 10).last).clamp(-1, 1), atol=1e-6)
 
 
 def test_minimize_lowers_the_rate_and_history_is_complete(pixel_bb):
@@ -173,7 +179,6 @@ def test_full_path_passes_through_x_t(pixel_bb):
     (dict(loss="saliency", lambda2=0.0), "lambda2"),
     (dict(loss="minimize", t_blend=-1), "t_blend"),
     (dict(loss="minimize", t_blend=500.0), "t_blend"),
-    (dict(loss="minimize", decode_blend=True, localized=False), "needs localized"),
 ])
 def test_bad_settings(pixel_bb, kwargs, match):
     with pytest.raises(InputError, match=match):

@@ -445,9 +445,10 @@ _MODE = typer.Option("fast", help="fast: reuse the path's ΔX between refreshes;
                      "re-integrate X_t → X_tk every iteration (the paper).")
 _SNAP = typer.Option(0, help="Keep an intermediate result every N iterations (strip.png).")
 _NOLOC = typer.Option(False, "--no-localized", help="Skip the localized blending of X_t.")
-_DECODE_BLEND = typer.Option(False, "--decode-blend", help="Also paste the unedited path "
-                             "outside the region at every decode step above --t-blend (not in "
-                             "the paper; keeps the outside on small images).")
+_DECODE_BLEND = typer.Option(True, "--decode-blend/--paper-decode", help="Also paste the "
+                             "unedited path outside the region at every decode step above "
+                             "--t-blend (our addition: keeps the outside on small images); "
+                             "--paper-decode decodes as the paper does.")
 _T_BLEND = typer.Option(500, "--t-blend", help="Blend X_t (and, with --decode-blend, the "
                         "decode) only above this timestep.")
 

@@ -584,7 +584,7 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                iterations: int | None = None, t: int = 700, num_steps: int = 50,
                lr: float = 0.02, mode: str = "fast", refresh_every: int = 50,
                blend_every: int = 70, t_blend: int = 500, localized: bool = True,
-               decode_blend: bool = False, snapshot_every: int = 0, prompt: str = "",
+               decode_blend: bool = True, snapshot_every: int = 0, prompt: str = "",
                fit: str | None = None,
                out: str | Path | None = None, device: str = "cpu", dtype: str = "float32",
                seed: int = 0, force: bool = False, progress: bool = False) -> dict[str, Any]:

