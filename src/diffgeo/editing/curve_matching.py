@@ -281,7 +281,11 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         if cfg.localized and cfg.decode_blend:
             x_clean = blended_decode(backbone, x.detach(), orig_path, mask, cfg, cond)
         else:
-            x_clean = ddim.generate(backbone, x.detach(), cfg.t, cfg.num_steps, cond).last
+            # final_path already holds the generation down to the lowest grid level (the same
+            # DDIM steps generate takes); only the last step to the clean image is left.
+            lowest = timesteps[0]
+            x_clean = ddim.generate(backbone, final_path[lowest], lowest, cfg.num_steps,
+                                    cond).last
         out = backbone.to_image(x_clean).clamp(-1, 1)
     region_after = curve_of(backbone, final_path, a_pixel, cond)
     settings = dict(cfg.__dict__, final_blend=final_blend,
