@@ -14,10 +14,11 @@ Every scene has its ground truth (the clean background, the object mask), so:
   (mean rate ‖Dh[e_p]‖ over 8 fixed object pixels, traced along each image's full DDIM inversion
   path, sliding-window variance for t > 200, ``curves.fluctuation``) before and after; the gate
   is that it moves in the requested direction on >= 80% of scenes, with the MSE outside small.
-- **modes**: fast vs faithful on the same removals (same seed, pixels and timestep draws come
-  from the same generator): final loss (mean of the last 10 iterations), the full-curve loss
-  mean |c_after - c*| over the grid, and the PSNR between the two edited images; the gate is a
-  final loss within 10%.
+- **modes**: variants MODE/PAIRS (``--mode-variants``; pairs = (pixel, timestep) pairs per
+  iteration) on the same removals, each against the first (faithful/1, the paper): final loss
+  (mean of the last 10 iterations), the region curve loss (16 fixed region pixels, every level:
+  seed-independent), the PSNR between the edited images and the speed-up; the gate is a loss
+  within 10%. ``--seed-control`` adds the first variant with another seed: the noise floor.
 
 Writes results.json, summary.md and figures (removal.png, saliency.png, modes.png) under --out.
 Timings are wall-clock on whatever machine runs it; ratios only make sense within one run.
@@ -235,7 +236,30 @@ def region_curve_loss(bb, res: CurveMatchingResult, region: np.ndarray, k: int =
     return float(torch.stack(losses).mean())
 
 
+def parse_variants(text: str) -> dict[str, tuple[str, int]]:
+    """'faithful/1,fast/4' -> {'faithful/1': ('faithful', 1), 'fast/4': ('fast', 4)}."""
+    out = {}
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        mode, _, pairs = item.partition("/")
+        if mode not in ("fast", "faithful") or not pairs.isdigit() or int(pairs) < 1:
+            raise SystemExit(f"--mode-variants: {item!r} is not MODE/PAIRS "
+                             "(fast/4, faithful/1, ...)")
+        out[item] = (mode, int(pairs))
+    if len(out) < 2:
+        raise SystemExit("--mode-variants: give at least two variants (the first is the "
+                         "reference)")
+    return out
+
+
 def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
+    """Every variant against the first (by default faithful/1, the paper) on the same
+    removals; with --seed-control also the first with another seed (the noise floor: how far
+    two runs of one variant land apart when only the sampled pixels and timesteps differ)."""
+    variants = parse_variants(args.mode_variants)
+    reference = next(iter(variants))
+    runs = {name: (mode, pairs, 0) for name, (mode, pairs) in variants.items()}
+    if args.seed_control:
+        runs[f"{reference}, other seed"] = (*variants[reference], 1000)
     per_scene, panels = [], []
     for i, s in enumerate(tqdm(scenes, desc="fast vs faithful")):
         x = as_tensor(s.composite)
@@ -243,56 +267,53 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
         _, ref = salient_and_background_pixels(region, np.random.default_rng(i), margin=3)
         row: dict[str, Any] = {"scene": i, "reference": list(ref)}
         imgs = {}
-        # "faithful, other seed" is the noise floor: how far two runs of the same mode land
-        # apart when only the sampled pixels and timesteps differ.
-        runs = {"faithful": ("faithful", i), "fast": ("fast", i)}
-        if args.seed_control:
-            runs["faithful, other seed"] = ("faithful", i + 1000)
-        for name, (mode, seed) in runs.items():
+        for name, (mode, pairs, seed_offset) in runs.items():
             cfg = CurveMatchingConfig(iterations=args.mode_iterations, mode=mode,
-                                      refresh_every=args.refresh_every, seed=seed,
-                                      decode_blend=False)
+                                      refresh_every=args.refresh_every, seed=i + seed_offset,
+                                      pixels_per_iteration=pairs, decode_blend=False)
             t0 = time.perf_counter()
             res = tasks.remove(bb, x, region, ref, cfg)
             secs = time.perf_counter() - t0
-            curve_loss = float((res.region_curve_after - res.reference_curve).abs().mean())
-            region_loss = region_curve_loss(bb, res, region)
             row[name] = {"seconds_per_iteration": secs / args.mode_iterations,
                          "final_loss": float(np.mean(res.losses[-10:])),
-                         "curve_loss": curve_loss, "region_curve_loss": region_loss,
+                         "curve_loss": float((res.region_curve_after
+                                              - res.reference_curve).abs().mean()),
+                         "region_curve_loss": region_curve_loss(bb, res, region),
                          "curve_loss_before": float((res.region_curve_before
                                                      - res.reference_curve).abs().mean())}
             imgs[name] = res.image
-        f, q = row["faithful"], row["fast"]
-        row["final_loss_rel_diff"] = abs(q["final_loss"] - f["final_loss"]) / f["final_loss"]
-        row["curve_loss_rel_diff"] = abs(q["curve_loss"] - f["curve_loss"]) / f["curve_loss"]
-        row["region_loss_rel_diff"] = (abs(q["region_curve_loss"] - f["region_curve_loss"])
-                                       / f["region_curve_loss"])
-        if args.seed_control:
-            o = row["faithful, other seed"]
-            row["seed_final_loss_rel_diff"] = (abs(o["final_loss"] - f["final_loss"])
-                                               / f["final_loss"])
-            row["seed_region_loss_rel_diff"] = (
-                abs(o["region_curve_loss"] - f["region_curve_loss"]) / f["region_curve_loss"])
-        row["psnr_fast_vs_faithful"] = psnr_from_mse(float(((imgs["fast"] - imgs["faithful"])
-                                                            ** 2).mean()))
-        row["speedup"] = f["seconds_per_iteration"] / q["seconds_per_iteration"]
+        f = row[reference]
+        for name in runs:
+            if name == reference:
+                continue
+            q = row[name]
+            q["vs_reference"] = {
+                "final_loss_rel_diff": abs(q["final_loss"] - f["final_loss"]) / f["final_loss"],
+                "curve_loss_rel_diff": abs(q["curve_loss"] - f["curve_loss"]) / f["curve_loss"],
+                "region_loss_rel_diff": (abs(q["region_curve_loss"] - f["region_curve_loss"])
+                                         / f["region_curve_loss"]),
+                "psnr_vs_reference": psnr_from_mse(float(((imgs[name] - imgs[reference]) ** 2)
+                                                         .mean())),
+                "speedup": f["seconds_per_iteration"] / q["seconds_per_iteration"]}
         per_scene.append(row)
-        panels.append([x, imgs["faithful"], imgs["fast"]])
-    save_rows(panels, ["input", "faithful", "fast"], out / "modes.png")
-    keys = ["final_loss_rel_diff", "curve_loss_rel_diff", "region_loss_rel_diff",
-            "psnr_fast_vs_faithful", "speedup"]
-    if args.seed_control:
-        keys += ["seed_final_loss_rel_diff", "seed_region_loss_rel_diff"]
-    summary = {k: summarise([r[k] for r in per_scene]) for k in keys}
+        panels.append([x, *imgs.values()])
+    save_rows(panels, ["input", *runs], out / "modes.png")
+    summary: dict[str, Any] = {"reference": reference}
+    for name in runs:
+        if name == reference:
+            continue
+        d = [r[name]["vs_reference"] for r in per_scene]
+        summary[name] = {k: summarise([x[k] for x in d]) for k in d[0]}
+        summary[name]["scenes_final_loss_within_10pct"] = int(
+            sum(x["final_loss_rel_diff"] <= 0.10 for x in d))
+        summary[name]["scenes_region_loss_within_10pct"] = int(
+            sum(x["region_loss_rel_diff"] <= 0.10 for x in d))
     summary["mean_region_curve_loss"] = {
         m: float(np.mean([r[m]["region_curve_loss"] for r in per_scene])) for m in runs}
-    summary["scenes_region_loss_within_10pct"] = int(sum(r["region_loss_rel_diff"] <= 0.10
-                                                         for r in per_scene))
-    summary["scenes_within_10pct"] = int(sum(r["final_loss_rel_diff"] <= 0.10
-                                             for r in per_scene))
+    summary["mean_seconds_per_iteration"] = {
+        m: float(np.mean([r[m]["seconds_per_iteration"] for r in per_scene])) for m in runs}
     return {"scenes": per_scene, "summary": summary,
-            "settings": {"iterations": args.mode_iterations, "seed_control": args.seed_control,
+            "settings": {"iterations": args.mode_iterations, "variants": list(runs),
                          "refresh_every": args.refresh_every}}
 
 
@@ -324,22 +345,26 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     if "modes" in results:
         s = results["modes"]["summary"]
-        lines += ["## Fast vs faithful", "",
-                  f"- final loss relative difference: {fmt(s['final_loss_rel_diff'], 3)}; "
-                  f"within 10% on {s['scenes_within_10pct']}/{s['speedup']['n']} scenes",
-                  f"- full-curve loss relative difference: {fmt(s['curve_loss_rel_diff'], 3)}",
-                  f"- PSNR between the two edited images: {fmt(s['psnr_fast_vs_faithful'], 3)} dB",
-                  f"- speed-up (s/it faithful / fast): {fmt(s['speedup'], 3)}",
-                  f"- region curve loss (16 fixed region pixels, every level) relative "
-                  f"difference: {fmt(s['region_loss_rel_diff'], 3)}; within 10% on "
-                  f"{s['scenes_region_loss_within_10pct']}/{s['speedup']['n']} scenes",
-                  "- mean region curve loss: " + ", ".join(
-                      f"{m} {v:.4g}" for m, v in s["mean_region_curve_loss"].items())]
-        if "seed_final_loss_rel_diff" in s:
-            lines += [f"- noise floor, faithful vs faithful with another seed: final loss "
-                      f"{fmt(s['seed_final_loss_rel_diff'], 3)}, region curve loss "
-                      f"{fmt(s['seed_region_loss_rel_diff'], 3)}"]
-        lines.append("")
+        ref = s["reference"]
+        lines += [f"## Fast vs faithful (against {ref})", "",
+                  "| variant | s/it | speed-up | final loss rel. diff | within 10% | "
+                  "region curve loss rel. diff | within 10% | mean region curve loss | "
+                  "PSNR vs reference (dB) |", "|---|---|---|---|---|---|---|---|---|"]
+        sec, loss = s["mean_seconds_per_iteration"], s["mean_region_curve_loss"]
+        lines.append(f"| {ref} | {sec[ref]:.3g} | 1 | – | – | – | – | {loss[ref]:.4g} | – |")
+        for name, v in s.items():
+            if not isinstance(v, dict) or "speedup" not in v:
+                continue
+            n = v["speedup"]["n"]
+            lines.append(
+                f"| {name} | {sec[name]:.3g} | {fmt(v['speedup'], 3)} | "
+                f"{fmt(v['final_loss_rel_diff'], 3)} | {v['scenes_final_loss_within_10pct']}/{n}"
+                f" | {fmt(v['region_loss_rel_diff'], 3)} | "
+                f"{v['scenes_region_loss_within_10pct']}/{n} | {loss[name]:.4g} | "
+                f"{fmt(v['psnr_vs_reference'], 3)} |")
+        lines += ["", "Region curve loss: mean |r_t(p) − c*(t)| over 16 fixed region pixels "
+                  "and every level of the final X_t's path (seed-independent). Final loss: "
+                  "mean of the last 10 iteration losses.", ""]
     return "\n".join(lines)
 
 
@@ -357,6 +382,8 @@ def main() -> None:
     ap.add_argument("--mode-scenes", type=int, default=5)
     ap.add_argument("--mode-iterations", type=int, default=60)
     ap.add_argument("--refresh-every", type=int, default=20)
+    ap.add_argument("--mode-variants", default="faithful/1,fast/1,fast/4,faithful/4",
+                    help="modes gate: MODE/PAIRS variants, compared with the first")
     ap.add_argument("--seed-control", action="store_true",
                     help="modes gate: also run faithful with another seed (the noise floor)")
     ap.add_argument("--threads", type=int, default=None)

@@ -1,12 +1,12 @@
 """Cost of JVPs and VJPs of ε and h relative to a plain forward pass, per backbone kind.
 
-    python benchmarks/jacobian_cost.py [--threads 1] [--reps 7] [--device cpu] [--sd small|sd15]
+    python benchmarks/jacobian_cost.py [--threads 1] [--reps 7] [--device cpu]
+        [--sd small|sd15|sd21]
 
-Models: the embedded default pixel model (32x32), and a randomly initialised Stable-Diffusion-shaped
-U-Net (compute does not depend on weight values): ``small`` keeps SD 1.5's block structure with
-narrow channels at a 32x32 latent (CPU-friendly); ``sd15`` is the real SD 1.5 U-Net configuration at
-a 64x64 latent (512 px; use a GPU). All timings of one model are interleaved round-robin over
-``reps`` repetitions and reported as medians, so the ratios come from one run under the same load.
+Models: the embedded default pixel model (32x32), and a randomly initialised
+Stable-Diffusion-shaped U-Net (``benchmarks/random_sd.py``; ``small`` runs on a CPU,
+``sd15``/``sd21`` want a GPU). All timings of one model are interleaved round-robin over ``reps``
+repetitions and reported as medians, so the ratios come from one run under the same load.
 """
 
 from __future__ import annotations
@@ -17,33 +17,10 @@ import statistics
 import time
 
 import torch
+from random_sd import KINDS, sd_backbone
 
 from diffgeo import jacobian as J
-from diffgeo.backbones import Conditioning, LatentBackbone, load_backbone
-
-
-def sd_backbone(kind: str, device: str) -> LatentBackbone:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from diffgeo.train import ddpm_scheduler
-
-    torch.manual_seed(0)
-    if kind == "sd15":
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-        ctx_dim, res = 768, 512
-    else:
-        unet = UNet2DConditionModel(
-            sample_size=32, block_out_channels=(32, 64, 128, 128), cross_attention_dim=64,
-            attention_head_dim=8, norm_num_groups=16, layers_per_block=2)
-        ctx_dim, res = 64, 256
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
-    bb = LatentBackbone(unet, vae, ddpm_scheduler().alphas_cumprod, device=device,
-                        name=f"random SD-shaped U-Net ({kind})", resolution=res)
-    # No text encoder: the empty-prompt conditioning is a fixed random context of CLIP's shape.
-    bb._empty = Conditioning(encoder_hidden_states=torch.randn(1, 77, ctx_dim, device=device))
-    return bb
+from diffgeo.backbones import load_backbone
 
 
 def sync(device: str) -> None:
@@ -104,7 +81,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--sd", default="small", choices=("small", "sd15"))
+    ap.add_argument("--sd", default="small", choices=KINDS)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     args = ap.parse_args()

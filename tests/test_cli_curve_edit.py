@@ -34,6 +34,7 @@ def mask_file(tmp_path_factory):
     ("adjust-saliency", ["--decrease", "--mode", "faithful"]),
     ("blend", []),
     ("remove", ["--paper-decode", "--t-blend", "300"]),
+    ("remove", ["--pixels-per-iteration", "2"]),
 ])
 def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, extra):
     out = tmp_path / "out"
@@ -42,9 +43,12 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     assert r.exit_code == 0, r.output
     for name in ("result.png", "strip.png", "curves.png", "history.csv", "settings.json"):
         assert (out / name).is_file(), name
-    rows = list(csv.DictReader((out / "history.csv").open()))
-    assert len(rows) == 3 and all(np.isfinite(float(row["loss"])) for row in rows)
     s = json.loads((out / "settings.json").read_text())
+    pairs = 2 if "--pixels-per-iteration" in extra else 1 if "faithful" in extra else 4
+    assert s["curve_matching"]["pixels_per_iteration"] == pairs
+    rows = list(csv.DictReader((out / "history.csv").open()))  # one row per pair
+    assert len(rows) == 3 * pairs and all(np.isfinite(float(row["loss"])) for row in rows)
+    assert sorted({int(row["iteration"]) for row in rows}) == [0, 1, 2]
     assert s["curve_matching"]["iterations"] == 3
     assert s["curve_matching"]["decode_blend"] == ("--paper-decode" not in extra)
     assert s["curve_matching"]["t_blend"] == (300 if "--t-blend" in extra else 500)
@@ -59,6 +63,7 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     ("remove", ["--mask", "MASK", "--mode", "quick"], "mode must be"),
     ("transfer", ["--mask", "MASK", "--reference", "2,0"], "--reference"),
     ("blend", ["--mask", "MASK", "--t-blend", "-5"], "t_blend"),
+    ("remove", ["--mask", "MASK", "--pixels-per-iteration", "0"], "pixels_per_iteration"),
 ])
 def test_bad_inputs(cli, tiny, image, mask_file, tmp_path, verb, extra, message):
     extra = [str(mask_file) if e == "MASK" else e for e in extra]

@@ -9,11 +9,13 @@ from diffgeo import ddim
 from diffgeo.backbones import load_backbone
 from diffgeo.curves import pixel_direction
 from diffgeo.editing.curve_matching import (
+    FAST_PIXELS_PER_ITERATION,
     CurveMatchingConfig,
-    _rate,
+    _walk_to,
     blended_decode,
     curve_matching,
     full_path,
+    rates_batch,
 )
 from diffgeo.errors import InputError
 
@@ -40,25 +42,73 @@ def test_rate_gradient_matches_finite_differences(bb64):
                               dtype=torch.float64)
     v = pixel_direction(bb64, (6, 7))[None]
     z = x.clone().requires_grad_(True)
-    _rate(bb64, z + delta, 400, v, None).backward()
+    rates_batch(bb64, z + delta, [400], v, None)[0].backward()
     d = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     s = 1e-5
     with torch.no_grad():
-        fd = (_rate(bb64, x + s * d + delta, 400, v, None)
-              - _rate(bb64, x - s * d + delta, 400, v, None)) / (2 * s)
+        fd = (rates_batch(bb64, x + s * d + delta, [400], v, None)[0]
+              - rates_batch(bb64, x - s * d + delta, [400], v, None)[0]) / (2 * s)
     # central differences in fp64 with s = 1e-5: truncation ~1e-10, rounding ~1e-11
     assert float((z.grad * d).sum()) == pytest.approx(float(fd), rel=1e-6)
 
 
-def test_fast_equals_faithful_when_the_path_is_refreshed_every_iteration(pixel_bb):
+@pytest.mark.parametrize("pairs", [1, 3])
+def test_fast_equals_faithful_when_the_path_is_refreshed_every_iteration(pixel_bb, pairs):
     cfg = dict(t=500, num_steps=10, iterations=4, refresh_every=1, loss="minimize", seed=3,
-               localized=False)
+               localized=False, pixels_per_iteration=pairs)
     fast = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(mode="fast", **cfg))
     slow = curve_matching(pixel_bb, _image(), REGION,
                           CurveMatchingConfig(mode="faithful", **cfg))
-    assert [h["t_k"] for h in fast.history] == [h["t_k"] for h in slow.history]
+    pairs_of = lambda res: [(s["t_k"], s["pixel"]) for h in res.history  # noqa: E731
+                            for s in h["samples"]]
+    assert pairs_of(fast) == pairs_of(slow)
+    assert all(len(h["samples"]) == pairs for h in fast.history)
     assert torch.allclose(fast.state, slow.state, atol=1e-5)
     assert fast.losses == pytest.approx(slow.losses, rel=1e-4)
+
+
+def test_pairs_per_iteration_default_by_mode(pixel_bb):
+    assert CurveMatchingConfig(mode="fast").batch == FAST_PIXELS_PER_ITERATION > 1
+    assert CurveMatchingConfig(mode="faithful").batch == 1  # the paper: one pair
+    assert CurveMatchingConfig(mode="faithful", pixels_per_iteration=5).batch == 5
+    res = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(
+        t=500, num_steps=10, iterations=2, loss="minimize", localized=False))
+    assert res.settings["pixels_per_iteration"] == FAST_PIXELS_PER_ITERATION
+    assert all(len(h["samples"]) == FAST_PIXELS_PER_ITERATION for h in res.history)
+    h = res.history[0]
+    assert h["loss"] == pytest.approx(sum(s["loss"] for s in h["samples"]) / len(h["samples"]))
+
+
+def test_batched_rates_equal_single_rates_and_their_gradients(bb64):
+    """One batched JVP with its own state, timestep and pixel per element is B single ones:
+    values, and the gradient with respect to the shared X_t (the sum of the single ones)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 16, 16, generator=gen, dtype=torch.float64)
+    deltas = 0.1 * torch.randn(3, 3, 16, 16, generator=gen, dtype=torch.float64)
+    ts, pixels = [100, 400, 900], [(6, 7), (0, 15), (6, 7)]
+    v = torch.stack([pixel_direction(bb64, p) for p in pixels])
+    z = x.clone().requires_grad_(True)
+    batched = rates_batch(bb64, z + deltas, ts, v, None)
+    batched.sum().backward()
+    grad_sum = torch.zeros_like(x)
+    for i in range(3):
+        zi = x.clone().requires_grad_(True)
+        single = rates_batch(bb64, zi + deltas[i:i + 1], ts[i:i + 1], v[i:i + 1], None)
+        assert float(single[0].detach()) == pytest.approx(float(batched[i].detach()),
+                                                         rel=1e-10)
+        single[0].backward()
+        grad_sum += zi.grad
+    assert torch.allclose(z.grad, grad_sum, rtol=1e-9, atol=1e-12)
+    with pytest.raises(InputError, match="one timestep and one direction"):
+        rates_batch(bb64, z + deltas, ts[:2], v, None)
+
+
+def test_faithful_walk_covers_targets_above_and_below(pixel_bb):
+    x = ddim.invert(pixel_bb, _image(), 500, 10).last
+    walked = _walk_to(pixel_bb, x, 500, [200, 800, 500, 300], 10, None)
+    path = full_path(pixel_bb, x, 500, 10, None)
+    for t in (200, 300, 500, 800):
+        assert torch.allclose(walked[t], path[t], atol=1e-6)
 
 
 def test_localized_blending_restores_the_outside_exactly(pixel_bb):
@@ -179,6 +229,8 @@ def test_full_path_passes_through_x_t(pixel_bb):
     (dict(loss="saliency", lambda2=0.0), "lambda2"),
     (dict(loss="minimize", t_blend=-1), "t_blend"),
     (dict(loss="minimize", t_blend=500.0), "t_blend"),
+    (dict(loss="minimize", pixels_per_iteration=0), "pixels_per_iteration"),
+    (dict(loss="minimize", pixels_per_iteration=2.0), "pixels_per_iteration"),
 ])
 def test_bad_settings(pixel_bb, kwargs, match):
     with pytest.raises(InputError, match=match):

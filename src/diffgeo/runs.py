@@ -583,6 +583,7 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                reference: Sequence[int] | None = None, direction: str = "decrease",
                iterations: int | None = None, t: int = 700, num_steps: int = 50,
                lr: float = 0.02, mode: str = "fast", refresh_every: int = 50,
+               pixels_per_iteration: int | None = None,
                blend_every: int = 70, t_blend: int = 500, localized: bool = True,
                decode_blend: bool = True, snapshot_every: int = 0, prompt: str = "",
                fit: str | None = None,
@@ -618,7 +619,7 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                               lr=lr, mode=mode, refresh_every=refresh_every,
                               blend_every=blend_every, t_blend=t_blend, localized=localized,
                               decode_blend=decode_blend, snapshot_every=snapshot_every,
-                              seed=seed)
+                              pixels_per_iteration=pixels_per_iteration, seed=seed)
     if task == "transfer":
         if ref is None:
             raise InputError("transfer needs --reference R,C (the pixel whose curve to copy)")
@@ -652,10 +653,12 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
             series["reference"] = res.reference_curve.numpy()
         line_plot(res.timesteps, series, results.path_for("curves.png"), "t", "‖Dh[e_ij]‖",
                   f"{task}: generation curves before/after", invert_x=True)
-        results.save_csv("history.csv", ["iteration", "loss", "rate", "t_k", "row", "col",
-                                         "blended"],
-                         [[h["iteration"], h["loss"], h["rate"], h["t_k"], *h["pixel"],
-                           h["blended"]] for h in res.history])
+        # One row per (pixel, timestep) pair; iteration_loss is what Adam stepped on.
+        results.save_csv("history.csv", ["iteration", "pair", "iteration_loss", "loss", "rate",
+                                         "t_k", "row", "col", "blended"],
+                         [[h["iteration"], i, h["loss"], s["loss"], s["rate"], s["t_k"],
+                           *s["pixel"], h["blended"]]
+                          for h in res.history for i, s in enumerate(h["samples"])])
         results.save_json("settings.json", settings)
     settings["result"] = res
     return settings
