@@ -8,12 +8,15 @@ Every scene has its ground truth (the clean background, the object mask), so:
 - **removal**: the object (mask dilated by one pixel, so anti-aliased edges go too) is removed by
   curve matching to a background pixel's curve (``tasks.remove``), by repainting the region from
   noise with the same model (``editing.repaint``, RePaint with resampling) and by a mean-colour
-  fill (``editing.mean_fill``). Reported per method: masked MSE and PSNR of the region against
+  fill (``editing.mean_fill``); curve matching also with ``match_outside_stats`` (our
+  addition). Reported per method: masked MSE and PSNR of the region against
   the true background, and MSE outside the region against the input.
 - **saliency**: ``tasks.saliency`` increase and decrease on the object; the region's fluctuation
   (mean rate ‖Dh[e_p]‖ over 8 fixed object pixels, traced along each image's full DDIM inversion
   path, sliding-window variance for t > 200, ``curves.fluctuation``) before and after; the gate
   is that it moves in the requested direction on >= 80% of scenes, with the MSE outside small.
+  Beside it, two image-space proxies of what a viewer sees: the region's colour contrast
+  against a ring around it, and its fine detail (mean absolute finite difference).
 - **modes**: variants MODE/PAIRS (``--mode-variants``; pairs = (pixel, timestep) pairs per
   iteration) on the same removals, each against the first (faithful/1, the paper): final loss
   (mean of the last 10 iterations), the region curve loss (16 fixed region pixels, every level:
@@ -119,7 +122,8 @@ def with_decode_blend(bb, image: torch.Tensor, region: np.ndarray, res: CurveMat
 
 
 def removal_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
-    methods = ("curve matching", "curve matching + decode blend", "repaint", "mean fill")
+    methods = ("curve matching", "curve matching + decode blend",
+               "curve matching + decode blend + outside stats", "repaint", "mean fill")
     per_scene, panels = [], []
     for i, s in enumerate(tqdm(scenes, desc="removal gate")):
         x, bg = as_tensor(s.composite), as_tensor(s.background)
@@ -132,6 +136,8 @@ def removal_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
         t_cm = time.perf_counter() - t0
         cm = cm_result.image
         cm_blend = with_decode_blend(bb, x, region, cm_result, cfg)
+        cm_stats = tasks.remove(bb, x, region, ref, CurveMatchingConfig(
+            iterations=args.removal_iterations, seed=i, match_outside_stats=True)).image
         t0 = time.perf_counter()
         rp = repaint(bb, x, region, num_steps=50, resample=args.repaint_resample,
                      generator=torch.Generator().manual_seed(i))
@@ -142,19 +148,19 @@ def removal_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
                                "region_pixels": int(region.sum()),
                                "seconds": {"curve matching": t_cm, "repaint": t_rp}}
         outside = 1 - region
-        for name, img in zip(methods, (cm, cm_blend, rp, mf), strict=True):
+        for name, img in zip(methods, (cm, cm_blend, cm_stats, rp, mf), strict=True):
             mse = masked_mse(img, bg, region)
             row[name] = {"mse_inside_vs_background": mse, "psnr_inside": psnr_from_mse(mse),
                          "mse_outside_vs_input": masked_mse(img, x, outside)}
         per_scene.append(row)
-        panels.append([x, bg, cm, cm_blend, rp, mf])
+        panels.append([x, bg, cm, cm_blend, cm_stats, rp, mf])
     save_rows(panels, ["input", "true background", *methods], out / "removal.png")
     summary = {m: {k: summarise([r[m][k] for r in per_scene])
                    for k in ("mse_inside_vs_background", "psnr_inside", "mse_outside_vs_input")}
                for m in methods}
     wins = {f"{c} beats {b}": int(sum(
         r[c]["mse_inside_vs_background"] < r[b]["mse_inside_vs_background"]
-        for r in per_scene)) for c in methods[:2] for b in methods[2:]}
+        for r in per_scene)) for c in methods[:3] for b in methods[3:]}
     return {"scenes": per_scene, "summary": summary, "wins": wins,
             "settings": {"iterations": args.removal_iterations, "t": 700, "t_blend": 500,
                          "repaint_resample": args.repaint_resample, "region": "mask dilated 3x3"}}
@@ -178,6 +184,24 @@ def object_pixels(mask: np.ndarray, k: int, seed: int) -> tuple[tuple[int, int],
     return tuple(sorted((int(cand[j][0]), int(cand[j][1])) for j in pick))
 
 
+def region_contrast(image: torch.Tensor, mask: np.ndarray) -> float:
+    """Colour contrast of the region: the distance between its mean colour and the mean colour
+    of a ring 2-3 pixels around it (images in [-1, 1]). An image-space saliency proxy, to read
+    beside the fluctuation, which is the paper's model-side statistic."""
+    m = torch.from_numpy((mask > 0.5).astype(np.float32))[None, None]
+    grow = lambda k: F.max_pool2d(m, k, stride=1, padding=k // 2)[0, 0] > 0.5  # noqa: E731
+    inside, ring = m[0, 0] > 0.5, grow(7) & ~grow(3)
+    return float((image[0][:, inside].mean(1) - image[0][:, ring].mean(1)).norm())
+
+
+def region_detail(image: torch.Tensor, mask: np.ndarray) -> float:
+    """Mean absolute finite difference (both axes) inside the region: fine detail."""
+    m = torch.from_numpy(mask > 0.5)[:-1, :-1]
+    x = image[0]
+    dy, dx = (x[:, 1:, :-1] - x[:, :-1, :-1]).abs(), (x[:, :-1, 1:] - x[:, :-1, :-1]).abs()
+    return float((dy[:, m].mean() + dx[:, m].mean()) / 2)
+
+
 def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
     per_scene, panels = [], []
     for i, s in enumerate(tqdm(scenes, desc="saliency gate")):
@@ -185,7 +209,9 @@ def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
         pixels = object_pixels(s.mask, 8, i)
         before = region_fluctuation(bb, x, pixels, args.curve_steps)
         row: dict[str, Any] = {"scene": i, "object": s.object_name, "pixels": pixels,
-                               "fluctuation_before": before}
+                               "fluctuation_before": before,
+                               "contrast_before": region_contrast(x, s.mask),
+                               "detail_before": region_detail(x, s.mask)}
         imgs = [x]
         for direction in ("decrease", "increase"):
             cfg = CurveMatchingConfig(iterations=args.saliency_iterations, seed=i,
@@ -200,7 +226,9 @@ def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
                     "fluctuation_after": after, "moved_as_requested": bool(moved),
                     "relative_change": (after - before) / before,
                     "mse_outside": masked_mse(img, x, 1 - s.mask),
-                    "mse_inside": masked_mse(img, x, s.mask)}
+                    "mse_inside": masked_mse(img, x, s.mask),
+                    "contrast_after": region_contrast(img, s.mask),
+                    "detail_after": region_detail(img, s.mask)}
                 imgs.append(img)
         per_scene.append(row)
         panels.append(imgs)
@@ -210,8 +238,16 @@ def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
                                                     for r in per_scene])),
                    "relative_change": summarise([r[d]["relative_change"] for r in per_scene]),
                    "mse_outside": summarise([r[d]["mse_outside"] for r in per_scene]),
-                   "mse_inside": summarise([r[d]["mse_inside"] for r in per_scene])}
+                   "mse_inside": summarise([r[d]["mse_inside"] for r in per_scene]),
+                   "fraction_contrast_up": float(np.mean(
+                       [r[d]["contrast_after"] > r["contrast_before"] for r in per_scene])),
+                   "fraction_detail_up": float(np.mean(
+                       [r[d]["detail_after"] > r["detail_before"] for r in per_scene])),
+                   "contrast_after": summarise([r[d]["contrast_after"] for r in per_scene]),
+                   "detail_after": summarise([r[d]["detail_after"] for r in per_scene])}
                for d in variants}
+    summary["input"] = {"contrast": summarise([r["contrast_before"] for r in per_scene]),
+                        "detail": summarise([r["detail_before"] for r in per_scene])}
     return {"scenes": per_scene, "summary": summary,
             "settings": {"iterations": args.saliency_iterations, "t_blend": 500, "pixels": 8,
                          "curve_steps": args.curve_steps, "definition": "h", "window": 5,
@@ -288,16 +324,28 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
                 continue
             q = row[name]
             q["vs_reference"] = {
-                "final_loss_rel_diff": abs(q["final_loss"] - f["final_loss"]) / f["final_loss"],
+                **loss_rel_diffs(row, name, reference),
                 "curve_loss_rel_diff": abs(q["curve_loss"] - f["curve_loss"]) / f["curve_loss"],
-                "region_loss_rel_diff": (abs(q["region_curve_loss"] - f["region_curve_loss"])
-                                         / f["region_curve_loss"]),
                 "psnr_vs_reference": psnr_from_mse(float(((imgs[name] - imgs[reference]) ** 2)
                                                          .mean())),
                 "speedup": f["seconds_per_iteration"] / q["seconds_per_iteration"]}
         per_scene.append(row)
         panels.append([x, *imgs.values()])
     save_rows(panels, ["input", *runs], out / "modes.png")
+    return {"scenes": per_scene, "summary": modes_summary(per_scene, list(runs), reference),
+            "settings": {"iterations": args.mode_iterations, "variants": list(runs),
+                         "refresh_every": args.refresh_every}}
+
+
+def loss_rel_diffs(row: dict[str, Any], a: str, b: str) -> dict[str, float]:
+    """Relative differences of variant a's losses from variant b's on one scene."""
+    return {k: abs(row[a][key] - row[b][key]) / row[b][key]
+            for k, key in (("final_loss_rel_diff", "final_loss"),
+                           ("region_loss_rel_diff", "region_curve_loss"))}
+
+
+def modes_summary(per_scene: list[dict[str, Any]], runs: list[str],
+                  reference: str) -> dict[str, Any]:
     summary: dict[str, Any] = {"reference": reference}
     for name in runs:
         if name == reference:
@@ -308,13 +356,24 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
             sum(x["final_loss_rel_diff"] <= 0.10 for x in d))
         summary[name]["scenes_region_loss_within_10pct"] = int(
             sum(x["region_loss_rel_diff"] <= 0.10 for x in d))
+    # fast/N against faithful/N: the ΔX reuse alone, at the same number of pairs.
+    summary["same_pairs"] = {}
+    for name in runs:
+        mode, _, pairs = name.partition("/")
+        other = f"faithful/{pairs}"
+        if mode == "fast" and other in runs:
+            d = [loss_rel_diffs(r, name, other) for r in per_scene]
+            summary["same_pairs"][f"{name} vs {other}"] = {
+                **{k: summarise([x[k] for x in d]) for k in d[0]},
+                "scenes_final_loss_within_10pct": int(sum(x["final_loss_rel_diff"] <= 0.10
+                                                          for x in d)),
+                "scenes_region_loss_within_10pct": int(sum(x["region_loss_rel_diff"] <= 0.10
+                                                           for x in d))}
     summary["mean_region_curve_loss"] = {
         m: float(np.mean([r[m]["region_curve_loss"] for r in per_scene])) for m in runs}
     summary["mean_seconds_per_iteration"] = {
         m: float(np.mean([r[m]["seconds_per_iteration"] for r in per_scene])) for m in runs}
-    return {"scenes": per_scene, "summary": summary,
-            "settings": {"iterations": args.mode_iterations, "variants": list(runs),
-                         "refresh_every": args.refresh_every}}
+    return summary
 
 
 def fmt(s: dict[str, float], digits: int = 4) -> str:
@@ -337,12 +396,23 @@ def markdown(results: dict[str, Any]) -> str:
         r = results["saliency"]
         lines += ["## Saliency decrease / increase (region fluctuation)", "",
                   "| direction | moved as requested | relative change | MSE outside | "
-                  "MSE inside |", "|---|---|---|---|---|"]
+                  "MSE inside | colour contrast (up on) | detail (up on) |",
+                  "|---|---|---|---|---|---|---|"]
+        inp = r["summary"]["input"]
+        lines.append(f"| input | – | – | – | – | {fmt(inp['contrast'], 3)} | "
+                     f"{fmt(inp['detail'], 3)} |")
         for d, s in r["summary"].items():
+            if d == "input":
+                continue
             lines.append(f"| {d} | {100 * s['fraction_moved']:.0f}% | "
                          f"{fmt(s['relative_change'], 3)} | {fmt(s['mse_outside'])} | "
-                         f"{fmt(s['mse_inside'])} |")
-        lines.append("")
+                         f"{fmt(s['mse_inside'])} | {fmt(s['contrast_after'], 3)} "
+                         f"({100 * s['fraction_contrast_up']:.0f}%) | "
+                         f"{fmt(s['detail_after'], 3)} ({100 * s['fraction_detail_up']:.0f}%) |")
+        lines += ["", "Colour contrast: distance between the region's mean colour and that of "
+                  "a ring 2-3 px around it; detail: mean absolute finite difference inside "
+                  "(images in [-1, 1]); both image-space proxies beside the paper's "
+                  "fluctuation statistic.", ""]
     if "modes" in results:
         s = results["modes"]["summary"]
         ref = s["reference"]
@@ -353,7 +423,7 @@ def markdown(results: dict[str, Any]) -> str:
         sec, loss = s["mean_seconds_per_iteration"], s["mean_region_curve_loss"]
         lines.append(f"| {ref} | {sec[ref]:.3g} | 1 | – | – | – | – | {loss[ref]:.4g} | – |")
         for name, v in s.items():
-            if not isinstance(v, dict) or "speedup" not in v:
+            if name == "same_pairs" or not isinstance(v, dict) or "speedup" not in v:
                 continue
             n = v["speedup"]["n"]
             lines.append(
@@ -362,6 +432,12 @@ def markdown(results: dict[str, Any]) -> str:
                 f" | {fmt(v['region_loss_rel_diff'], 3)} | "
                 f"{v['scenes_region_loss_within_10pct']}/{n} | {loss[name]:.4g} | "
                 f"{fmt(v['psnr_vs_reference'], 3)} |")
+        for name, v in s.get("same_pairs", {}).items():
+            n = v["final_loss_rel_diff"]["n"]
+            lines.append(f"| {name} (same pairs) | – | – | {fmt(v['final_loss_rel_diff'], 3)} | "
+                         f"{v['scenes_final_loss_within_10pct']}/{n} | "
+                         f"{fmt(v['region_loss_rel_diff'], 3)} | "
+                         f"{v['scenes_region_loss_within_10pct']}/{n} | – | – |")
         lines += ["", "Region curve loss: mean |r_t(p) − c*(t)| over 16 fixed region pixels "
                   "and every level of the final X_t's path (seed-independent). Final loss: "
                   "mean of the last 10 iteration losses.", ""]

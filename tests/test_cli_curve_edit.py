@@ -35,6 +35,7 @@ def mask_file(tmp_path_factory):
     ("blend", []),
     ("remove", ["--paper-decode", "--t-blend", "300"]),
     ("remove", ["--pixels-per-iteration", "2"]),
+    ("remove", ["--match-outside-stats"]),
 ])
 def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, extra):
     out = tmp_path / "out"
@@ -46,6 +47,7 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     s = json.loads((out / "settings.json").read_text())
     pairs = 2 if "--pixels-per-iteration" in extra else 1 if "faithful" in extra else 4
     assert s["curve_matching"]["pixels_per_iteration"] == pairs
+    assert s["curve_matching"]["match_outside_stats"] == ("--match-outside-stats" in extra)
     rows = list(csv.DictReader((out / "history.csv").open()))  # one row per pair
     assert len(rows) == 3 * pairs and all(np.isfinite(float(row["loss"])) for row in rows)
     assert sorted({int(row["iteration"]) for row in rows}) == [0, 1, 2]

@@ -15,6 +15,7 @@ from diffgeo.editing.curve_matching import (
     blended_decode,
     curve_matching,
     full_path,
+    match_outside_statistics,
     rates_batch,
 )
 from diffgeo.errors import InputError
@@ -212,6 +213,46 @@ def test_match_and_saliency_losses_run(pixel_bb):
                        CurveMatchingConfig(t=500, num_steps=10, iterations=3, loss="saliency",
                                            lambda2=-1.0))
     assert all(h["loss"] > 0 for h in s.history)
+
+
+def test_match_outside_statistics_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    x = 5 * torch.randn(1, 3, 16, 16, generator=gen) + 2
+    ref = 0.4 * torch.randn(1, 3, 16, 16, generator=gen) - 0.1
+    mask = REGION[None, None]
+    out = match_outside_statistics(x, ref, mask)
+    inside = REGION > 0.5
+    assert torch.equal(out[:, :, ~inside], x[:, :, ~inside])  # the outside is untouched
+    for c in range(3):
+        xi, ro = out[0, c][inside], ref[0, c][~inside]
+        assert float(xi.mean()) == pytest.approx(float(ro.mean()), abs=1e-5)
+        assert float(xi.std(unbiased=False)) == pytest.approx(float(ro.std(unbiased=False)),
+                                                              rel=1e-5)
+        # the spatial pattern inside is kept: an affine map of the input's region
+        corr = torch.corrcoef(torch.stack([xi, x[0, c][inside]]))[0, 1]
+        assert float(corr) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(InputError, match="inside and outside"):
+        match_outside_statistics(x, ref, torch.ones(1, 1, 16, 16))
+
+
+def test_match_outside_stats_keeps_the_region_on_the_background_statistics(pixel_bb):
+    cfg = dict(t=600, num_steps=10, iterations=4, loss="minimize", lr=0.5, localized=False)
+    free = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(**cfg))
+    kept = curve_matching(pixel_bb, _image(), REGION,
+                          CurveMatchingConfig(match_outside_stats=True, **cfg))
+    assert kept.settings["match_outside_stats"] and not free.settings["match_outside_stats"]
+    x_orig = ddim.invert(pixel_bb, _image(), 600, 10).last
+    inside = REGION > 0.5
+    target_std = x_orig[:, :, ~inside].std(-1, unbiased=False)
+    kept_std = kept.state[:, :, inside].std(-1, unbiased=False)
+    free_std = free.state[:, :, inside].std(-1, unbiased=False)
+    assert torch.allclose(kept_std, target_std, rtol=1e-4)
+    assert torch.allclose(kept.state[:, :, inside].mean(-1), x_orig[:, :, ~inside].mean(-1),
+                          atol=1e-5)
+    assert not torch.allclose(free_std, target_std, rtol=1e-2)  # lr 0.5 moves it off
+    with pytest.raises(InputError, match="inside and outside"):
+        curve_matching(pixel_bb, _image(), torch.ones(16, 16),
+                       CurveMatchingConfig(match_outside_stats=True, **cfg))
 
 
 def test_full_path_passes_through_x_t(pixel_bb):

@@ -428,9 +428,11 @@ def _curve_task(task: str, image: Path, mask: Path | None, box: str | None,
 def _curve_options(model: str, iterations: int | None, t: int, steps: int, lr: float,
                    mode: str, snapshot_every: int, no_localized: bool, decode_blend: bool,
                    t_blend: int, fit: str | None, out: Path, device: str, dtype: str, seed: int,
-                   force: bool, pixels_per_iteration: int | None) -> dict:
+                   force: bool, pixels_per_iteration: int | None,
+                   match_outside_stats: bool) -> dict:
     return dict(model=model, iterations=iterations, t=t, num_steps=steps, lr=lr, mode=mode,
                 pixels_per_iteration=pixels_per_iteration,
+                match_outside_stats=match_outside_stats,
                 snapshot_every=snapshot_every, localized=not no_localized,
                 decode_blend=decode_blend, t_blend=t_blend, fit=fit, out=out,
                 device=device, dtype=dtype, seed=seed, force=force)
@@ -447,6 +449,9 @@ _MODE = typer.Option("fast", help="fast: reuse the path's ΔX between refreshes;
 _PIXELS = typer.Option(None, "--pixels-per-iteration", help="(pixel, timestep) pairs per "
                        "iteration, one batched JVP (default: 4 in fast mode, 1 in faithful "
                        "mode as the paper).")
+_STATS = typer.Option(False, "--match-outside-stats", help="After every step, standardise the "
+                      "region of X_t to the unedited X_t's per-channel mean and std outside it "
+                      "(our addition; keeps removal from painting a new object).")
 _SNAP = typer.Option(0, help="Keep an intermediate result every N iterations (strip.png).")
 _NOLOC = typer.Option(False, "--no-localized", help="Skip the localized blending of X_t.")
 _DECODE_BLEND = typer.Option(True, "--decode-blend/--paper-decode", help="Also paste the "
@@ -466,6 +471,7 @@ def transfer(
     model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
+    match_outside_stats: bool = _STATS,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -478,7 +484,8 @@ def transfer(
     reference pixel's."""
     _curve_task("transfer", image, mask, box, reference, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
-        t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration))
+        t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
+        match_outside_stats))
 
 
 @app.command()
@@ -491,6 +498,7 @@ def remove(
     model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
+    match_outside_stats: bool = _STATS,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -502,7 +510,8 @@ def remove(
     """Object removal by curve matching (to a background pixel, or a flat pseudo-curve)."""
     _curve_task("remove", image, mask, box, reference, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
-        t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration))
+        t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
+        match_outside_stats))
 
 
 @app.command()
@@ -545,6 +554,7 @@ def adjust_saliency(
     model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
+    match_outside_stats: bool = _STATS,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -561,7 +571,7 @@ def adjust_saliency(
     _curve_task("saliency", image, mask, box, None, "increase" if increase else "decrease",
                 _curve_options(model, iterations, t, steps, lr, mode, snapshot_every,
                                no_localized, decode_blend, t_blend, fit, out, device, dtype,
-                               seed, force, pixels_per_iteration))
+                               seed, force, pixels_per_iteration, match_outside_stats))
 
 
 @app.command()
@@ -572,6 +582,7 @@ def blend(
     model: str = typer.Option("default", help=MODEL_HELP), iterations: int | None = _ITER,
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
+    match_outside_stats: bool = _STATS,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -583,7 +594,8 @@ def blend(
     """Image blending: decrease the saliency of the seam (the mask's 3×3 boundary band)."""
     _curve_task("blend", image, mask, None, None, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
-        t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration))
+        t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
+        match_outside_stats))
 
 
 @app.command()

@@ -583,7 +583,7 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                reference: Sequence[int] | None = None, direction: str = "decrease",
                iterations: int | None = None, t: int = 700, num_steps: int = 50,
                lr: float = 0.02, mode: str = "fast", refresh_every: int = 50,
-               pixels_per_iteration: int | None = None,
+               pixels_per_iteration: int | None = None, match_outside_stats: bool = False,
                blend_every: int = 70, t_blend: int = 500, localized: bool = True,
                decode_blend: bool = True, snapshot_every: int = 0, prompt: str = "",
                fit: str | None = None,
@@ -619,7 +619,8 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                               lr=lr, mode=mode, refresh_every=refresh_every,
                               blend_every=blend_every, t_blend=t_blend, localized=localized,
                               decode_blend=decode_blend, snapshot_every=snapshot_every,
-                              pixels_per_iteration=pixels_per_iteration, seed=seed)
+                              pixels_per_iteration=pixels_per_iteration,
+                              match_outside_stats=match_outside_stats, seed=seed)
     if task == "transfer":
         if ref is None:
             raise InputError("transfer needs --reference R,C (the pixel whose curve to copy)")

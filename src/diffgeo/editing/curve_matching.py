@@ -15,7 +15,8 @@ Per iteration (``iterations`` of them, Adam with ``lr``):
    computed at the last refresh (DESIGN.md §4), which is identical when refreshing every step;
 3. r = ‖D h_{t_k}(X_{t_k})[e_{p_k}]‖ with gradient — all pairs in one batched JVP, each batch
    element with its own state, timestep and direction — the loss of the task (below) averaged
-   over the pairs, an Adam step;
+   over the pairs, an Adam step (then, with ``match_outside_stats``, the region of X_t is
+   standardised to the unedited X_t's statistics outside it — our addition, off by default);
 4. every ``blend_every`` iterations, if t > ``t_blend``: X_t ← X_t ⊙ A + X_t^orig ⊙ (1 − A)
    (localized modification), with A the region on the state grid.
 
@@ -55,7 +56,9 @@ class CurveMatchingConfig:
     """Settings of Algorithm 1; defaults from the paper (App. D), except ``decode_blend``
     (our addition, on by default: see :func:`blended_decode`; ``False`` decodes as the paper)
     and ``pixels_per_iteration`` (``None``: one pair per iteration in ``faithful`` mode, as the
-    paper, and :data:`FAST_PIXELS_PER_ITERATION` in ``fast`` mode).
+    paper, and :data:`FAST_PIXELS_PER_ITERATION` in ``fast`` mode). ``match_outside_stats``
+    (ours, off by default) projects the region of X_t after every step onto the noise
+    statistics of the unedited X_t outside it: see :func:`match_outside_statistics`.
     Without ``localized`` nothing is blended, neither X_t nor the decode."""
 
     t: int = 700
@@ -74,6 +77,7 @@ class CurveMatchingConfig:
     decode_blend: bool = True
     snapshot_every: int = 0
     pixels_per_iteration: int | None = None
+    match_outside_stats: bool = False
     seed: int = 0
 
     @property
@@ -200,6 +204,30 @@ def _sample_t(curve: torch.Tensor, timesteps: list[int], gen: torch.Generator) -
     return timesteps[int(torch.multinomial(p, 1, generator=gen))]
 
 
+def match_outside_statistics(x: torch.Tensor, reference: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with its region (mask > 0.5) standardised per channel to the mean and standard
+    deviation of ``reference`` outside the region (mask <= 0.5).
+
+    Why: unconstrained, the optimiser drives the region of X_t far off the statistics of an
+    inverted noisy image (values up to 6 where the background's have std 0.4 on the default
+    model), and the decode then paints a new, saturated object instead of background. Keeping
+    the region's first two moments equal to the background's leaves the optimiser the spatial
+    pattern only. Measured in benchmarks/curve_matching_gates.py (removal).
+    """
+    inside = mask[0, 0] > 0.5
+    if not bool(inside.any()) or bool(inside.all()):
+        raise InputError("match_outside_stats needs a region with pixels both inside and "
+                         "outside it on the state grid")
+    xi, ro = x[:, :, inside], reference[:, :, ~inside]
+    z = xi - xi.mean(-1, keepdim=True)
+    if xi.shape[-1] > 1:
+        z = z / xi.std(-1, unbiased=False, keepdim=True).clamp_min(1e-8)
+    out = x.clone()
+    out[:, :, inside] = ro.mean(-1, keepdim=True) + z * ro.std(-1, unbiased=False, keepdim=True)
+    return out
+
+
 def blended_decode(backbone: Backbone, x: torch.Tensor, orig_path: dict[int, torch.Tensor],
                    mask: torch.Tensor, cfg: CurveMatchingConfig,
                    cond: Conditioning | None) -> torch.Tensor:
@@ -246,6 +274,8 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         x0 = backbone.to_state(image.to(dev, dt))
         x_orig = ddim.invert(backbone, x0, cfg.t, cfg.num_steps, cond).last
     mask = state_region(backbone, region)
+    if cfg.match_outside_stats:
+        match_outside_statistics(x_orig, x_orig, mask)  # refuses a region without an outside
     ref_inside = reference_pixel is not None and any(
         (p == np.asarray(reference_pixel)).all() for p in pixels)
     a_pixel = tuple(int(v) for v in pixels[int(torch.randint(len(pixels), (1,), generator=gen))])
@@ -307,6 +337,9 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if cfg.match_outside_stats:
+            with torch.no_grad():
+                x.copy_(match_outside_statistics(x, x_orig, mask))
         blended = False
         if cfg.localized and cfg.t > cfg.t_blend and (it + 1) % cfg.blend_every == 0:
             with torch.no_grad():
