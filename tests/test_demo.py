@@ -74,7 +74,7 @@ def test_tiny_demo_page_links_only_existing_files(tiny_demo):
                                     "Region-based editing (h-space directions)",
                                     "Progressive exemplar editing (PIXELS)"]
     for name in ("curves.png", "saliency.png", "rbe-0.png", "rbe-global.png", "cm-0.png",
-                 "cm-3.png", "cm-truth.png", "cm-fill-1.png", "cm-fill-2.png"):
+                 "cm-3.png", "cm-truth.png", "cm-fill-1.png", "cm-fill-2.png", "cm-fill-3.png"):
         assert (tiny_demo.parent / name).is_file()
     # Quick run: 8 samples in one strip, 2 scenes x (input, X_t, plain, exact), the PSNR plot.
     assert links.count("samples-0.png") == 1

@@ -316,7 +316,10 @@ def section_curve_matching(ctx: DemoContext) -> Section:
     # Removal against the scene's true background, beside the two baselines of the same code.
     truth = ctx.images([replace(scene, alpha=scene.alpha * 0)]).float().cpu()
     region = torch.from_numpy(scene.mask > 0.5)
+    stats_cfg = replace(cfg, match_outside_stats=True)
     fills = {"curve matching": removed,
+             "curve matching, --match-outside-stats": tasks.remove(bb, x, scene.mask, bg,
+                                                                   stats_cfg).image,
              "repaint from noise": repaint(bb, x, scene.mask, num_steps=steps,
                                            resample=1 if ctx.quick else 5,
                                            generator=torch.Generator().manual_seed(ctx.seed)),
@@ -333,8 +336,10 @@ def section_curve_matching(ctx: DemoContext) -> Section:
             f"{cfg.lr}) so that the object's generation curves take a wanted shape, then "
             "regenerates; localized blending keeps the rest of the image. The background "
             "pixel for removal is one of the scene's own.</p>")
-    text2 = ("<p>Removal has a ground truth here: the scene without its object. The same code "
-             "runs the two baselines (<code>diffgeo inpaint --method repaint|mean-fill</code>); "
+    text2 = ("<p>Removal has a ground truth here: the scene without its object. Shown with our "
+             "<code>--match-outside-stats</code> too (the region of X_t kept on the "
+             "background's noise statistics), and the two baselines the same code runs "
+             "(<code>diffgeo inpaint --method repaint|mean-fill</code>); "
              "<code>benchmarks/curve_matching_gates.py</code> measures them over many scenes."
              "</p>")
     return Section("Curve matching: removal, saliency, blending",
