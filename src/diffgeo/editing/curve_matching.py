@@ -46,8 +46,9 @@ from diffgeo.jacobian import _expand_cond
 
 LOSSES = ("match", "minimize", "saliency")
 MODES = ("fast", "faithful")
-#: Pairs per iteration in fast mode: one batched JVP for all of them (near free on a GPU, about
-#: linear in the batch on a CPU), a quarter of the gradient variance of the paper's single pair.
+#: Pairs per iteration in fast mode: one batched JVP for all of them (4 pairs cost 1.1x one pair
+#: per iteration on the default model on a 2-core CPU, benchmarks/curve_matching_speed.py), a
+#: quarter of the gradient variance of the paper's single pair.
 FAST_PIXELS_PER_ITERATION = 4
 
 
