@@ -104,12 +104,23 @@ def test_batched_rates_equal_single_rates_and_their_gradients(bb64):
         rates_batch(bb64, z + deltas, ts[:2], v, None)
 
 
-def test_faithful_walk_covers_targets_above_and_below(pixel_bb):
+def test_faithful_walk_covers_targets_above_and_below(pixel_bb, monkeypatch):
     x = ddim.invert(pixel_bb, _image(), 500, 10).last
     walked = _walk_to(pixel_bb, x, 500, [200, 800, 500, 300], 10, None)
     path = full_path(pixel_bb, x, 500, 10, None)
     for t in (200, 300, 500, 800):
         assert torch.allclose(walked[t], path[t], atol=1e-6)
+    # One walk per side that has targets, each only as far as its farthest target.
+    calls = []
+    real_walk = ddim.walk
+    monkeypatch.setattr(ddim, "walk", lambda bb, x, a, b, *r: calls.append((a, b))
+                        or real_walk(bb, x, a, b, *r))
+    for targets, expected in (([200], [(500, 200)]), ([300, 200], [(500, 200)]),
+                              ([800, 700], [(500, 800)]), ([500], []),
+                              ([200, 800], [(500, 200), (500, 800)])):
+        calls.clear()
+        _walk_to(pixel_bb, x, 500, targets, 10, None)
+        assert calls == expected, targets
 
 
 def test_localized_blending_restores_the_outside_exactly(pixel_bb):

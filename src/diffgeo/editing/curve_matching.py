@@ -191,11 +191,13 @@ def _walk_to(backbone: Backbone, x: torch.Tensor, t: int, targets: Sequence[int]
              num_steps: int, cond: Conditioning | None) -> dict[int, torch.Tensor]:
     """The DDIM path from X_t to every target level: one walk down to the lowest target below
     t and one up to the highest above it, so a batch of targets costs no more than the
-    farthest one."""
+    farthest one on each side."""
     out = {t: x}
-    for end in (min(targets), max(targets)):
-        if end != t:
-            out.update(ddim.walk(backbone, x, t, end, num_steps, cond))
+    lowest, highest = min(targets), max(targets)
+    if lowest < t:
+        out.update(ddim.walk(backbone, x, t, lowest, num_steps, cond))
+    if highest > t:
+        out.update(ddim.walk(backbone, x, t, highest, num_steps, cond))
     return out
 
 
@@ -203,6 +205,15 @@ def _sample_t(curve: torch.Tensor, timesteps: list[int], gen: torch.Generator) -
     p = curve.clamp_min(0).double()
     p = p / p.sum() if float(p.sum()) > 0 else torch.full_like(p, 1 / len(p))
     return timesteps[int(torch.multinomial(p, 1, generator=gen))]
+
+
+def _inside_with_outside(mask: torch.Tensor) -> torch.Tensor:
+    """The region's cells (mask > 0.5) on the state grid; refuses a region with no outside."""
+    inside = mask[0, 0] > 0.5
+    if not bool(inside.any()) or bool(inside.all()):
+        raise InputError("match_outside_stats needs a region with pixels both inside and "
+                         "outside it on the state grid")
+    return inside
 
 
 def match_outside_statistics(x: torch.Tensor, reference: torch.Tensor,
@@ -216,10 +227,7 @@ def match_outside_statistics(x: torch.Tensor, reference: torch.Tensor,
     the region's first two moments equal to the background's leaves the optimiser the spatial
     pattern only. Measured in benchmarks/curve_matching_gates.py (removal).
     """
-    inside = mask[0, 0] > 0.5
-    if not bool(inside.any()) or bool(inside.all()):
-        raise InputError("match_outside_stats needs a region with pixels both inside and "
-                         "outside it on the state grid")
+    inside = _inside_with_outside(mask)
     xi, ro = x[:, :, inside], reference[:, :, ~inside]
     z = xi - xi.mean(-1, keepdim=True)
     if xi.shape[-1] > 1:
@@ -276,7 +284,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         x_orig = ddim.invert(backbone, x0, cfg.t, cfg.num_steps, cond).last
     mask = state_region(backbone, region)
     if cfg.match_outside_stats:
-        match_outside_statistics(x_orig, x_orig, mask)  # refuses a region without an outside
+        _inside_with_outside(mask)  # refuse before any optimisation
     ref_inside = reference_pixel is not None and any(
         (p == np.asarray(reference_pixel)).all() for p in pixels)
     a_pixel = tuple(int(v) for v in pixels[int(torch.randint(len(pixels), (1,), generator=gen))])
