@@ -36,6 +36,8 @@ def mask_file(tmp_path_factory):
     ("remove", ["--paper-decode", "--t-blend", "300"]),
     ("remove", ["--pixels-per-iteration", "2"]),
     ("remove", ["--match-outside-stats"]),
+    ("adjust-saliency", ["--increase", "--lambda1", "10", "--feature-weight", "0",
+                         "--refresh-every", "2", "--blend-every", "2"]),
 ])
 def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, extra):
     out = tmp_path / "out"
@@ -48,6 +50,11 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     pairs = 2 if "--pixels-per-iteration" in extra else 1 if "faithful" in extra else 4
     assert s["curve_matching"]["pixels_per_iteration"] == pairs
     assert s["curve_matching"]["match_outside_stats"] == ("--match-outside-stats" in extra)
+    tuned = "--lambda1" in extra
+    assert s["curve_matching"]["lambda1"] == (10 if tuned else 50)
+    assert s["curve_matching"]["feature_weight"] == (0 if tuned else 1)
+    assert s["curve_matching"]["refresh_every"] == (2 if tuned else 50)
+    assert s["curve_matching"]["blend_every"] == (2 if tuned else 70)
     rows = list(csv.DictReader((out / "history.csv").open()))  # one row per pair
     assert len(rows) == 3 * pairs and all(np.isfinite(float(row["loss"])) for row in rows)
     assert sorted({int(row["iteration"]) for row in rows}) == [0, 1, 2]
@@ -66,6 +73,9 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     ("transfer", ["--mask", "MASK", "--reference", "2,0"], "--reference"),
     ("blend", ["--mask", "MASK", "--t-blend", "-5"], "t_blend"),
     ("remove", ["--mask", "MASK", "--pixels-per-iteration", "0"], "pixels_per_iteration"),
+    ("adjust-saliency", ["--mask", "MASK", "--increase", "--lambda1", "0"], "lambda1"),
+    ("blend", ["--mask", "MASK", "--feature-weight", "-1"], "feature_weight"),
+    ("remove", ["--mask", "MASK", "--refresh-every", "0"], "refresh_every"),
 ])
 def test_bad_inputs(cli, tiny, image, mask_file, tmp_path, verb, extra, message):
     extra = [str(mask_file) if e == "MASK" else e for e in extra]

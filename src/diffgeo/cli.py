@@ -429,10 +429,12 @@ def _curve_options(model: str, iterations: int | None, t: int, steps: int, lr: f
                    mode: str, snapshot_every: int, no_localized: bool, decode_blend: bool,
                    t_blend: int, fit: str | None, out: Path, device: str, dtype: str, seed: int,
                    force: bool, pixels_per_iteration: int | None,
-                   match_outside_stats: bool) -> dict:
+                   match_outside_stats: bool, refresh_every: int, blend_every: int,
+                   lambda1: float, feature_weight: float) -> dict:
     return dict(model=model, iterations=iterations, t=t, num_steps=steps, lr=lr, mode=mode,
                 pixels_per_iteration=pixels_per_iteration,
-                match_outside_stats=match_outside_stats,
+                match_outside_stats=match_outside_stats, refresh_every=refresh_every,
+                blend_every=blend_every, lambda1=lambda1, feature_weight=feature_weight,
                 snapshot_every=snapshot_every, localized=not no_localized,
                 decode_blend=decode_blend, t_blend=t_blend, fit=fit, out=out,
                 device=device, dtype=dtype, seed=seed, force=force)
@@ -452,6 +454,13 @@ _PIXELS = typer.Option(None, "--pixels-per-iteration", help="(pixel, timestep) p
 _STATS = typer.Option(False, "--match-outside-stats", help="After every step, standardise the "
                       "region of X_t to the unedited X_t's per-channel mean and std outside it "
                       "(our addition; keeps removal from painting a new object).")
+_REFRESH = typer.Option(50, help="Recompute the path and the sampling curve every N "
+                        "iterations (m in Algorithm 1).")
+_BLEND_EVERY = typer.Option(70, help="Blend the outside of X_t back every N iterations.")
+_LAMBDA1 = typer.Option(50.0, "--lambda1", help="Saliency/blend loss: weight λ1 of the "
+                        "rate term λ1·r^λ2 (App. D).")
+_FEATURE_WEIGHT = typer.Option(1.0, help="Saliency/blend loss: weight of the decoder "
+                               "feature-alignment term (0 drops it).")
 _SNAP = typer.Option(0, help="Keep an intermediate result every N iterations (strip.png).")
 _NOLOC = typer.Option(False, "--no-localized", help="Skip the localized blending of X_t.")
 _DECODE_BLEND = typer.Option(True, "--decode-blend/--paper-decode", help="Also paste the "
@@ -472,6 +481,8 @@ def transfer(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
+    refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
+    lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -485,7 +496,7 @@ def transfer(
     _curve_task("transfer", image, mask, box, reference, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
         t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats))
+        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight))
 
 
 @app.command()
@@ -499,6 +510,8 @@ def remove(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
+    refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
+    lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -511,7 +524,7 @@ def remove(
     _curve_task("remove", image, mask, box, reference, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
         t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats))
+        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight))
 
 
 @app.command()
@@ -555,6 +568,8 @@ def adjust_saliency(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
+    refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
+    lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -571,7 +586,8 @@ def adjust_saliency(
     _curve_task("saliency", image, mask, box, None, "increase" if increase else "decrease",
                 _curve_options(model, iterations, t, steps, lr, mode, snapshot_every,
                                no_localized, decode_blend, t_blend, fit, out, device, dtype,
-                               seed, force, pixels_per_iteration, match_outside_stats))
+                               seed, force, pixels_per_iteration, match_outside_stats,
+                               refresh_every, blend_every, lambda1, feature_weight))
 
 
 @app.command()
@@ -583,6 +599,8 @@ def blend(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
+    refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
+    lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -595,7 +613,7 @@ def blend(
     _curve_task("blend", image, mask, None, None, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
         t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats))
+        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight))
 
 
 @app.command()

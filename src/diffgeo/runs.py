@@ -584,6 +584,7 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                iterations: int | None = None, t: int = 700, num_steps: int = 50,
                lr: float = 0.02, mode: str = "fast", refresh_every: int = 50,
                pixels_per_iteration: int | None = None, match_outside_stats: bool = False,
+               lambda1: float = 50.0, feature_weight: float = 1.0,
                blend_every: int = 70, t_blend: int = 500, localized: bool = True,
                decode_blend: bool = True, snapshot_every: int = 0, prompt: str = "",
                fit: str | None = None,
@@ -620,7 +621,8 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                               blend_every=blend_every, t_blend=t_blend, localized=localized,
                               decode_blend=decode_blend, snapshot_every=snapshot_every,
                               pixels_per_iteration=pixels_per_iteration,
-                              match_outside_stats=match_outside_stats, seed=seed)
+                              match_outside_stats=match_outside_stats, lambda1=lambda1,
+                              feature_weight=feature_weight, seed=seed)
     if task == "transfer":
         if ref is None:
             raise InputError("transfer needs --reference R,C (the pixel whose curve to copy)")

@@ -104,6 +104,11 @@ class CurveMatchingConfig:
             raise InputError(f"t_blend must be an integer timestep >= 0, got {self.t_blend!r}")
         if not self.lr > 0:
             raise InputError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lambda1 < float("inf"):
+            raise InputError(f"lambda1 must be a finite number > 0, got {self.lambda1}")
+        if not 0 <= self.feature_weight < float("inf"):
+            raise InputError(f"feature_weight must be a finite number >= 0, got "
+                             f"{self.feature_weight}")
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.loss not in LOSSES:
