@@ -121,11 +121,24 @@ def with_decode_blend(bb, image: torch.Tensor, region: np.ndarray, res: CurveMat
     return bb.to_image(x0).clamp(-1, 1).cpu()
 
 
+REMOVAL_METHODS = ("curve matching", "curve matching + decode blend",
+                   "curve matching + decode blend + outside stats", "repaint", "mean fill")
+
+
+def removal_summary(per_scene: list[dict[str, Any]]) -> dict[str, Any]:
+    methods = REMOVAL_METHODS
+    summary = {m: {k: summarise([r[m][k] for r in per_scene])
+                   for k in ("mse_inside_vs_background", "psnr_inside", "mse_outside_vs_input")}
+               for m in methods}
+    wins = {f"{c} beats {b}": int(sum(
+        r[c]["mse_inside_vs_background"] < r[b]["mse_inside_vs_background"]
+        for r in per_scene)) for c in methods[:3] for b in methods[3:]}
+    return {"summary": summary, "wins": wins}
+
+
 def removal_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
-    methods = ("curve matching", "curve matching + decode blend",
-               "curve matching + decode blend + outside stats", "repaint", "mean fill")
     per_scene, panels = [], []
-    for i, s in enumerate(tqdm(scenes, desc="removal gate")):
+    for i, s in enumerate(tqdm(scenes, desc="removal gate"), start=args.first_scene):
         x, bg = as_tensor(s.composite), as_tensor(s.background)
         region = dilate(s.mask)
         _, ref = salient_and_background_pixels(region, np.random.default_rng(i), margin=3)
@@ -148,20 +161,14 @@ def removal_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
                                "region_pixels": int(region.sum()),
                                "seconds": {"curve matching": t_cm, "repaint": t_rp}}
         outside = 1 - region
-        for name, img in zip(methods, (cm, cm_blend, cm_stats, rp, mf), strict=True):
+        for name, img in zip(REMOVAL_METHODS, (cm, cm_blend, cm_stats, rp, mf), strict=True):
             mse = masked_mse(img, bg, region)
             row[name] = {"mse_inside_vs_background": mse, "psnr_inside": psnr_from_mse(mse),
                          "mse_outside_vs_input": masked_mse(img, x, outside)}
         per_scene.append(row)
         panels.append([x, bg, cm, cm_blend, cm_stats, rp, mf])
-    save_rows(panels, ["input", "true background", *methods], out / "removal.png")
-    summary = {m: {k: summarise([r[m][k] for r in per_scene])
-                   for k in ("mse_inside_vs_background", "psnr_inside", "mse_outside_vs_input")}
-               for m in methods}
-    wins = {f"{c} beats {b}": int(sum(
-        r[c]["mse_inside_vs_background"] < r[b]["mse_inside_vs_background"]
-        for r in per_scene)) for c in methods[:3] for b in methods[3:]}
-    return {"scenes": per_scene, "summary": summary, "wins": wins,
+    save_rows(panels, ["input", "true background", *REMOVAL_METHODS], out / "removal.png")
+    return {"scenes": per_scene, **removal_summary(per_scene),
             "settings": {"iterations": args.removal_iterations, "t": 700, "t_blend": 500,
                          "repaint_resample": args.repaint_resample, "region": "mask dilated 3x3"}}
 
@@ -202,9 +209,12 @@ def region_detail(image: torch.Tensor, mask: np.ndarray) -> float:
     return float((dy[:, m].mean() + dx[:, m].mean()) / 2)
 
 
+SALIENCY_VARIANTS = ("decrease", "decrease + decode blend", "increase", "increase + decode blend")
+
+
 def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
     per_scene, panels = [], []
-    for i, s in enumerate(tqdm(scenes, desc="saliency gate")):
+    for i, s in enumerate(tqdm(scenes, desc="saliency gate"), start=args.first_scene):
         x = as_tensor(s.composite)
         pixels = object_pixels(s.mask, 8, i)
         before = region_fluctuation(bb, x, pixels, args.curve_steps)
@@ -232,26 +242,31 @@ def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
                 imgs.append(img)
         per_scene.append(row)
         panels.append(imgs)
-    variants = ("decrease", "decrease + decode blend", "increase", "increase + decode blend")
-    save_rows(panels, ["input", *variants], out / "saliency.png")
-    summary = {d: {"fraction_moved": float(np.mean([r[d]["moved_as_requested"]
-                                                    for r in per_scene])),
-                   "relative_change": summarise([r[d]["relative_change"] for r in per_scene]),
-                   "mse_outside": summarise([r[d]["mse_outside"] for r in per_scene]),
-                   "mse_inside": summarise([r[d]["mse_inside"] for r in per_scene]),
-                   "fraction_contrast_up": float(np.mean(
-                       [r[d]["contrast_after"] > r["contrast_before"] for r in per_scene])),
-                   "fraction_detail_up": float(np.mean(
-                       [r[d]["detail_after"] > r["detail_before"] for r in per_scene])),
-                   "contrast_after": summarise([r[d]["contrast_after"] for r in per_scene]),
-                   "detail_after": summarise([r[d]["detail_after"] for r in per_scene])}
-               for d in variants}
-    summary["input"] = {"contrast": summarise([r["contrast_before"] for r in per_scene]),
-                        "detail": summarise([r["detail_before"] for r in per_scene])}
+    save_rows(panels, ["input", *SALIENCY_VARIANTS], out / "saliency.png")
+    summary = saliency_summary(per_scene)
     return {"scenes": per_scene, "summary": summary,
             "settings": {"iterations": args.saliency_iterations, "t_blend": 500, "pixels": 8,
                          "curve_steps": args.curve_steps, "definition": "h", "window": 5,
                          "t_min": 200}}
+
+
+def saliency_summary(per_scene: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        d: {"fraction_moved": float(np.mean([r[d]["moved_as_requested"] for r in per_scene])),
+            "scenes_moved": int(sum(r[d]["moved_as_requested"] for r in per_scene)),
+            "relative_change": summarise([r[d]["relative_change"] for r in per_scene]),
+            "mse_outside": summarise([r[d]["mse_outside"] for r in per_scene]),
+            "mse_inside": summarise([r[d]["mse_inside"] for r in per_scene]),
+            "fraction_contrast_up": float(np.mean(
+                [r[d]["contrast_after"] > r["contrast_before"] for r in per_scene])),
+            "fraction_detail_up": float(np.mean(
+                [r[d]["detail_after"] > r["detail_before"] for r in per_scene])),
+            "contrast_after": summarise([r[d]["contrast_after"] for r in per_scene]),
+            "detail_after": summarise([r[d]["detail_after"] for r in per_scene])}
+        for d in SALIENCY_VARIANTS}
+    summary["input"] = {"contrast": summarise([r["contrast_before"] for r in per_scene]),
+                        "detail": summarise([r["detail_before"] for r in per_scene])}
+    return summary
 
 
 # -------------------------------------------------------------------------------------- modes
@@ -287,6 +302,9 @@ def parse_variants(text: str) -> dict[str, tuple[str, int]]:
     return out
 
 
+SEED_STRIDE = 100_000  # keeps every seed of a scene apart from --seed-control's offset (1000)
+
+
 def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
     """Every variant against the first (by default faithful/1, the paper) on the same
     removals; with --seed-control also the first with another seed (the noise floor: how far
@@ -297,27 +315,37 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
     if args.seed_control:
         runs[f"{reference}, other seed"] = (*variants[reference], 1000)
     per_scene, panels = [], []
-    for i, s in enumerate(tqdm(scenes, desc="fast vs faithful")):
+    for i, s in enumerate(tqdm(scenes, desc="fast vs faithful"), start=args.first_scene):
         x = as_tensor(s.composite)
         region = dilate(s.mask)
         _, ref = salient_and_background_pixels(region, np.random.default_rng(i), margin=3)
         row: dict[str, Any] = {"scene": i, "reference": list(ref)}
         imgs = {}
         for name, (mode, pairs, seed_offset) in runs.items():
-            cfg = CurveMatchingConfig(iterations=args.mode_iterations, mode=mode,
-                                      refresh_every=args.refresh_every, seed=i + seed_offset,
-                                      pixels_per_iteration=pairs, decode_blend=False)
-            t0 = time.perf_counter()
-            res = tasks.remove(bb, x, region, ref, cfg)
-            secs = time.perf_counter() - t0
-            row[name] = {"seconds_per_iteration": secs / args.mode_iterations,
-                         "final_loss": float(np.mean(res.losses[-10:])),
-                         "curve_loss": float((res.region_curve_after
-                                              - res.reference_curve).abs().mean()),
-                         "region_curve_loss": region_curve_loss(bb, res, region),
-                         "curve_loss_before": float((res.region_curve_before
-                                                     - res.reference_curve).abs().mean())}
-            imgs[name] = res.image
+            per_seed = []
+            for j in range(args.mode_seeds):
+                cfg = CurveMatchingConfig(iterations=args.mode_iterations, mode=mode,
+                                          refresh_every=args.refresh_every,
+                                          seed=i + seed_offset + SEED_STRIDE * j,
+                                          pixels_per_iteration=pairs, decode_blend=False)
+                t0 = time.perf_counter()
+                res = tasks.remove(bb, x, region, ref, cfg)
+                secs = time.perf_counter() - t0
+                per_seed.append({
+                    "seconds_per_iteration": secs / args.mode_iterations,
+                    "final_loss": float(np.mean(res.losses[-10:])),
+                    "curve_loss": float((res.region_curve_after
+                                         - res.reference_curve).abs().mean()),
+                    "region_curve_loss": region_curve_loss(bb, res, region),
+                    "curve_loss_before": float((res.region_curve_before
+                                                - res.reference_curve).abs().mean())})
+                if j == 0:
+                    imgs[name] = res.image
+            # With several seeds the comparison is between expected losses: the mean over the
+            # optimiser's own pixel/timestep draws, which single runs only sample.
+            row[name] = {k: float(np.mean([d[k] for d in per_seed])) for k in per_seed[0]}
+            if len(per_seed) > 1:
+                row[name]["per_seed"] = per_seed
         f = row[reference]
         for name in runs:
             if name == reference:
@@ -334,7 +362,7 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
     save_rows(panels, ["input", *runs], out / "modes.png")
     return {"scenes": per_scene, "summary": modes_summary(per_scene, list(runs), reference),
             "settings": {"iterations": args.mode_iterations, "variants": list(runs),
-                         "refresh_every": args.refresh_every}}
+                         "refresh_every": args.refresh_every, "seeds": args.mode_seeds}}
 
 
 def loss_rel_diffs(row: dict[str, Any], a: str, b: str) -> dict[str, float]:
@@ -441,7 +469,52 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "Region curve loss: mean |r_t(p) − c*(t)| over 16 fixed region pixels "
                   "and every level of the final X_t's path (seed-independent). Final loss: "
                   "mean of the last 10 iteration losses.", ""]
+        seeds = results["modes"]["settings"].get("seeds", 1)
+        if seeds > 1:
+            lines += [f"Every variant ran {seeds} times per scene with different seeds; each "
+                      "loss is the mean over them (the expected loss over the optimiser's "
+                      "pixel and timestep draws), and the variants are compared on those "
+                      "means.", ""]
     return "\n".join(lines)
+
+
+def merge(paths: list[Path], out: Path) -> dict[str, Any]:
+    """One result from runs over disjoint scene ranges (--first-scene): scenes are seeded by
+    their index, so the merge equals a single run over all of them; summaries are recomputed
+    and the image panels stacked."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    merged: dict[str, Any] = {k: parts[0][k] for k in ("model", "date", "threads")}
+    merged["args"] = [p["args"] for p in parts]
+    merged["seconds"] = float(sum(p["seconds"] for p in parts))
+    for gate, png in (("removal", "removal.png"), ("saliency", "saliency.png"),
+                      ("modes", "modes.png")):
+        have = [(p, path) for p, path in zip(parts, paths, strict=True) if gate in p]
+        if not have:
+            continue
+        scenes = sorted((r for p, _ in have for r in p[gate]["scenes"]),
+                        key=lambda r: r["scene"])
+        if len({r["scene"] for r in scenes}) != len(scenes):
+            raise SystemExit(f"--merge: the {gate} runs share scenes; give disjoint ranges")
+        settings = have[0][0][gate]["settings"]
+        if gate == "removal":
+            merged[gate] = {"scenes": scenes, **removal_summary(scenes), "settings": settings}
+        elif gate == "saliency":
+            merged[gate] = {"scenes": scenes, "summary": saliency_summary(scenes),
+                            "settings": settings}
+        else:
+            reference = have[0][0][gate]["summary"]["reference"]
+            merged[gate] = {"scenes": scenes, "settings": settings,
+                            "summary": modes_summary(scenes, settings["variants"], reference)}
+        images = [path.parent / png for _, path in
+                  sorted(have, key=lambda h: min(r["scene"] for r in h[0][gate]["scenes"]))]
+        if all(im.exists() for im in images):
+            stacked = np.concatenate([np.asarray(Image.open(im).convert("RGB"))
+                                      for im in images])
+            Image.fromarray(stacked).save(out / png)
+            header = images[0].with_suffix(".txt")
+            if header.exists():
+                (out / png).with_suffix(".txt").write_text(header.read_text())
+    return merged
 
 
 def main() -> None:
@@ -460,15 +533,31 @@ def main() -> None:
     ap.add_argument("--refresh-every", type=int, default=20)
     ap.add_argument("--mode-variants", default="faithful/1,fast/1,fast/4,faithful/4",
                     help="modes gate: MODE/PAIRS variants, compared with the first")
+    ap.add_argument("--mode-seeds", type=int, default=1,
+                    help=f"modes gate: runs per variant and scene (seeds i + {SEED_STRIDE}*j); "
+                         "losses are averaged over them before variants are compared")
     ap.add_argument("--seed-control", action="store_true",
                     help="modes gate: also run faithful with another seed (the noise floor)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULTS_JSON",
+                    help="merge the results.json of runs over disjoint --first-scene ranges "
+                         "into --out instead of running anything")
     args = ap.parse_args()
+    if args.merge:
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = merge(args.merge, args.out)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+        text = markdown(results)
+        (args.out / "summary.md").write_text(text)
+        print(text)
+        return
     gates = [g.strip() for g in args.gates.split(",") if g.strip()]
     unknown = set(gates) - {"removal", "saliency", "modes"}
     if unknown:
         raise SystemExit(f"--gates: unknown gate(s) {sorted(unknown)}; "
                          "choose from removal, saliency, modes")
+    if args.mode_seeds < 1:
+        raise SystemExit(f"--mode-seeds must be >= 1, got {args.mode_seeds}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
