@@ -16,6 +16,7 @@ from diffgeo.editing.curve_matching import (
     curve_matching,
     full_path,
     match_outside_statistics,
+    paste_outside,
     rates_batch,
 )
 from diffgeo.errors import InputError
@@ -224,6 +225,17 @@ def test_match_and_saliency_losses_run(pixel_bb):
                        CurveMatchingConfig(t=500, num_steps=10, iterations=3, loss="saliency",
                                            lambda2=-1.0))
     assert all(h["loss"] > 0 for h in s.history)
+
+
+def test_paste_outside_keeps_the_edit_inside_and_the_original_outside():
+    edited, original = torch.full((1, 3, 4, 4), 2.0), torch.full((1, 3, 4, 4), -1.0)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 1:3, 1:3] = 1.0
+    mask[..., 0, 0] = 0.25  # a soft mask weighs the two states
+    out = paste_outside(edited, original, mask)
+    assert torch.equal(out[..., 1:3, 1:3], edited[..., 1:3, 1:3])
+    assert torch.equal(out[..., 3, :], original[..., 3, :])
+    assert torch.allclose(out[..., 0, 0], torch.tensor(0.25 * 2.0 - 0.75))
 
 
 def test_match_outside_statistics_closed_form():

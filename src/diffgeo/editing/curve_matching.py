@@ -242,6 +242,13 @@ def match_outside_statistics(x: torch.Tensor, reference: torch.Tensor,
     return out
 
 
+def paste_outside(edited: torch.Tensor, original: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+    """X̄ ⊙ A + X ⊙ Ā: the edited state inside the region, the original outside (§4.2's
+    localized modification; also the final blend and every level of ``blended_decode``)."""
+    return edited * mask + original * (1 - mask)
+
+
 def blended_decode(backbone: Backbone, x: torch.Tensor, orig_path: dict[int, torch.Tensor],
                    mask: torch.Tensor, cfg: CurveMatchingConfig,
                    cond: Conditioning | None) -> torch.Tensor:
@@ -258,7 +265,7 @@ def blended_decode(backbone: Backbone, x: torch.Tensor, orig_path: dict[int, tor
     level, state = cfg.t, x
     for lo in (lv for lv in sorted(orig_path, reverse=True) if cfg.t_blend < lv < cfg.t):
         state = ddim.walk(backbone, state, level, lo, cfg.num_steps, cond)[lo]
-        state = state * mask + orig_path[lo] * (1 - mask)
+        state = paste_outside(state, orig_path[lo], mask)
         level = lo
     return ddim.generate(backbone, state, level, cfg.num_steps, cond).last
 
@@ -357,7 +364,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         blended = False
         if cfg.localized and cfg.t > cfg.t_blend and (it + 1) % cfg.blend_every == 0:
             with torch.no_grad():
-                x.copy_(x * mask + x_orig * (1 - mask))
+                x.copy_(paste_outside(x, x_orig, mask))
             blended = True
         history.append({"iteration": it, "loss": loss.item(), "rate": r.mean().item(),
                         "blended": blended,
@@ -375,7 +382,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         # Iterations after the last periodic blend moved the outside too; without this the
         # final image would change outside the region whenever iterations % blend_every != 0.
         with torch.no_grad():
-            x.copy_(x * mask + x_orig * (1 - mask))
+            x.copy_(paste_outside(x, x_orig, mask))
     with torch.no_grad():
         final_path = full_path(backbone, x.detach(), cfg.t, cfg.num_steps, cond)
         if cfg.localized and cfg.decode_blend:
