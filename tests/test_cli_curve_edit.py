@@ -102,3 +102,21 @@ def test_curve_tasks_run_in_batch_and_evaluate(tiny, image, mask_file, tmp_path)
     assert {"remove", "adjust-saliency"} <= tasks
     metrics = {(row["task"], row["metric"]) for row in table}
     assert ("remove", "mse_inside") in metrics or ("remove", "mse") in metrics
+
+
+@pytest.mark.parametrize("verb, extra", [("remove", []), ("adjust-saliency", ["--increase"])])
+def test_verbs_take_a_prompt_on_a_latent_model(cli, sd_path, image, tmp_path, verb, extra):
+    out = tmp_path / "out"
+    r = cli.invoke(app, [verb, str(image), "--model", str(sd_path), "--box", "4,4,10,10",
+                         *FAST, "--prompt", "a red cube", "--out", str(out), *extra], env=ENV)
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "settings.json").read_text())
+    assert s["prompt"] == "a red cube"
+    assert Image.open(out / "result.png").size == (16, 16)
+
+
+def test_a_prompt_on_an_unconditional_model_is_refused(cli, tiny, image, tmp_path):
+    r = cli.invoke(app, ["remove", str(image), "--model", str(tiny), "--box", "4,4,10,10",
+                         *FAST, "--prompt", "a cat", "--out", str(tmp_path / "o")], env=ENV)
+    assert r.exit_code == 2, r.output
+    assert "takes no prompt" in r.output and "Traceback" not in r.output

@@ -430,8 +430,9 @@ def _curve_options(model: str, iterations: int | None, t: int, steps: int, lr: f
                    t_blend: int, fit: str | None, out: Path, device: str, dtype: str, seed: int,
                    force: bool, pixels_per_iteration: int | None,
                    match_outside_stats: bool, refresh_every: int, blend_every: int,
-                   lambda1: float, feature_weight: float) -> dict:
-    return dict(model=model, iterations=iterations, t=t, num_steps=steps, lr=lr, mode=mode,
+                   lambda1: float, feature_weight: float, prompt: str) -> dict:
+    return dict(model=model, prompt=prompt, iterations=iterations, t=t, num_steps=steps, lr=lr,
+                mode=mode,
                 pixels_per_iteration=pixels_per_iteration,
                 match_outside_stats=match_outside_stats, refresh_every=refresh_every,
                 blend_every=blend_every, lambda1=lambda1, feature_weight=feature_weight,
@@ -462,6 +463,8 @@ _LAMBDA1 = typer.Option(50.0, "--lambda1", help="Saliency/blend loss: weight λ1
 _FEATURE_WEIGHT = typer.Option(1.0, help="Saliency/blend loss: weight of the decoder "
                                "feature-alignment term (0 drops it).")
 _SNAP = typer.Option(0, help="Keep an intermediate result every N iterations (strip.png).")
+_CURVE_PROMPT = typer.Option("", help="Text prompt for conditional models (the paper uses "
+                             "the empty prompt); conditions every U-Net call of the edit.")
 _NOLOC = typer.Option(False, "--no-localized", help="Skip the localized blending of X_t.")
 _DECODE_BLEND = typer.Option(True, "--decode-blend/--paper-decode", help="Also paste the "
                              "unedited path outside the region at every decode step above "
@@ -483,6 +486,7 @@ def transfer(
     match_outside_stats: bool = _STATS,
     refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
+    prompt: str = _CURVE_PROMPT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -496,7 +500,7 @@ def transfer(
     _curve_task("transfer", image, mask, box, reference, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
         t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight))
+        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt))
 
 
 @app.command()
@@ -512,6 +516,7 @@ def remove(
     match_outside_stats: bool = _STATS,
     refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
+    prompt: str = _CURVE_PROMPT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -524,7 +529,7 @@ def remove(
     _curve_task("remove", image, mask, box, reference, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
         t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight))
+        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt))
 
 
 @app.command()
@@ -570,6 +575,7 @@ def adjust_saliency(
     match_outside_stats: bool = _STATS,
     refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
+    prompt: str = _CURVE_PROMPT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -587,7 +593,7 @@ def adjust_saliency(
                 _curve_options(model, iterations, t, steps, lr, mode, snapshot_every,
                                no_localized, decode_blend, t_blend, fit, out, device, dtype,
                                seed, force, pixels_per_iteration, match_outside_stats,
-                               refresh_every, blend_every, lambda1, feature_weight))
+                               refresh_every, blend_every, lambda1, feature_weight, prompt))
 
 
 @app.command()
@@ -601,6 +607,7 @@ def blend(
     match_outside_stats: bool = _STATS,
     refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
+    prompt: str = _CURVE_PROMPT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
     decode_blend: bool = _DECODE_BLEND, t_blend: int = _T_BLEND,
     fit: str | None = typer.Option(None, help=FIT_HELP),
@@ -613,7 +620,7 @@ def blend(
     _curve_task("blend", image, mask, None, None, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
         t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight))
+        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt))
 
 
 @app.command()
