@@ -46,20 +46,26 @@ def _jvp_norm_gradient_and_fd(f, x: torch.Tensor) -> tuple[float, float]:
 def test_second_order_derivatives_through_norms_in_derivative_mode():
     """The gradient of a JVP's norm (what curve matching differentiates) through a LayerNorm
     and a GroupNorm equals central differences inside derivative mode."""
-    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8),
-                              torch.nn.SiLU(), torch.nn.Flatten(2),
-                              torch.nn.LayerNorm(64)).double()
+    with torch.random.fork_rng():  # module init draws from the global generator
+        torch.manual_seed(5)
+        net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8),
+                                  torch.nn.SiLU(), torch.nn.Flatten(2),
+                                  torch.nn.LayerNorm(64)).double()
     with torch.no_grad():
         net[4].weight.uniform_(0.5, 1.5, generator=_gen(5))
     x = torch.randn(2, 4, 8, 8, generator=_gen(6), dtype=torch.float64)
     with unet_derivative_mode(net):
         analytic, fd = _jvp_norm_gradient_and_fd(net, x)
-    assert analytic == pytest.approx(fd, rel=1e-7)
+    # fp64 central differences with s = 1e-6: rounding ~1e-10 on a value of order 1e-2..1;
+    # the fused LayerNorm gives 4.217 where central differences give 3.882 on this net
+    assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-9)
 
 
 def test_derivative_mode_restores_the_modules():
-    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6),
-                              torch.nn.GroupNorm(2, 6))
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6),
+                                  torch.nn.GroupNorm(2, 6))
     x = torch.randn(3, 6, generator=_gen(7))
     before = net(x)
     with unet_derivative_mode(net):
