@@ -38,6 +38,7 @@ def mask_file(tmp_path_factory):
     ("remove", ["--match-outside-stats"]),
     ("adjust-saliency", ["--increase", "--lambda1", "10", "--feature-weight", "0",
                          "--refresh-every", "2", "--blend-every", "2"]),
+    ("remove", ["--refresh-drift", "1e-9"]),
 ])
 def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, extra):
     out = tmp_path / "out"
@@ -54,9 +55,14 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     assert s["curve_matching"]["lambda1"] == (10 if tuned else 50)
     assert s["curve_matching"]["feature_weight"] == (0 if tuned else 1)
     assert s["curve_matching"]["refresh_every"] == (2 if tuned else 50)
+    drift = "--refresh-drift" in extra
+    assert s["curve_matching"]["refresh_drift"] == (1e-9 if drift else 0.0)
+    # a tolerance below any move refreshes on every iteration after the first
+    assert s["curve_matching"]["refreshes"] == (2 if drift else 1 if tuned else 0)
     assert s["curve_matching"]["blend_every"] == (2 if tuned else 70)
     rows = list(csv.DictReader((out / "history.csv").open()))  # one row per pair
     assert len(rows) == 3 * pairs and all(np.isfinite(float(row["loss"])) for row in rows)
+    assert float(rows[0]["drift"]) == 0.0 and all(float(row["drift"]) >= 0 for row in rows)
     assert sorted({int(row["iteration"]) for row in rows}) == [0, 1, 2]
     assert s["curve_matching"]["iterations"] == 3
     assert s["curve_matching"]["decode_blend"] == ("--paper-decode" not in extra)
@@ -76,6 +82,7 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     ("adjust-saliency", ["--mask", "MASK", "--increase", "--lambda1", "0"], "lambda1"),
     ("blend", ["--mask", "MASK", "--feature-weight", "-1"], "feature_weight"),
     ("remove", ["--mask", "MASK", "--refresh-every", "0"], "refresh_every"),
+    ("remove", ["--mask", "MASK", "--refresh-drift", "-1"], "refresh_drift"),
 ])
 def test_bad_inputs(cli, tiny, image, mask_file, tmp_path, verb, extra, message):
     extra = [str(mask_file) if e == "MASK" else e for e in extra]

@@ -71,6 +71,27 @@ def test_fast_equals_faithful_when_the_path_is_refreshed_every_iteration(pixel_b
     assert fast.losses == pytest.approx(slow.losses, rel=1e-4)
 
 
+def test_refresh_drift_refreshes_when_x_t_has_moved(pixel_bb):
+    """A drift tolerance below any move refreshes every iteration (fast then equals faithful
+    with refresh_every=1); an unreachable one leaves the periodic refresh alone."""
+    cfg = dict(t=500, num_steps=10, iterations=4, loss="minimize", seed=3, localized=False,
+               pixels_per_iteration=2, lr=0.1)
+    every = curve_matching(pixel_bb, _image(), REGION,
+                           CurveMatchingConfig(mode="faithful", refresh_every=1, **cfg))
+    drift = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(
+        mode="fast", refresh_every=50, refresh_drift=1e-9, **cfg))
+    assert drift.settings["refreshes"] == 3 and every.settings["refreshes"] == 3
+    assert torch.allclose(drift.state, every.state, atol=1e-5)
+    never = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(
+        mode="fast", refresh_every=2, refresh_drift=1e9, **cfg))
+    assert never.settings["refreshes"] == 1  # iteration 2 only
+    # the recorded drift is the relative move of X_t since the last refresh: zero before the
+    # first step; at iteration 3 one step's move, as iteration 2's refresh took a new base
+    d = [h["drift"] for h in never.history]
+    assert d[0] == 0.0 and 0 < d[1] < d[2] and d[3] < d[2]
+    assert drift.history[1]["drift"] > 0  # measured before that iteration's refresh
+
+
 def test_pairs_per_iteration_default_by_mode(pixel_bb):
     assert CurveMatchingConfig(mode="fast").batch == FAST_PIXELS_PER_ITERATION > 1
     assert CurveMatchingConfig(mode="faithful").batch == 1  # the paper: one pair
@@ -297,6 +318,8 @@ def test_full_path_passes_through_x_t(pixel_bb):
     (dict(loss="minimize", t_blend=500.0), "t_blend"),
     (dict(loss="minimize", pixels_per_iteration=0), "pixels_per_iteration"),
     (dict(loss="minimize", pixels_per_iteration=2.0), "pixels_per_iteration"),
+    (dict(loss="minimize", refresh_drift=-0.1), "refresh_drift"),
+    (dict(loss="minimize", refresh_drift=float("inf")), "refresh_drift"),
 ])
 def test_bad_settings(pixel_bb, kwargs, match):
     with pytest.raises(InputError, match=match):

@@ -430,11 +430,13 @@ def _curve_options(model: str, iterations: int | None, t: int, steps: int, lr: f
                    t_blend: int, fit: str | None, out: Path, device: str, dtype: str, seed: int,
                    force: bool, pixels_per_iteration: int | None,
                    match_outside_stats: bool, refresh_every: int, blend_every: int,
-                   lambda1: float, feature_weight: float, prompt: str) -> dict:
+                   lambda1: float, feature_weight: float, prompt: str,
+                   refresh_drift: float) -> dict:
     return dict(model=model, prompt=prompt, iterations=iterations, t=t, num_steps=steps, lr=lr,
                 mode=mode,
                 pixels_per_iteration=pixels_per_iteration,
                 match_outside_stats=match_outside_stats, refresh_every=refresh_every,
+                refresh_drift=refresh_drift,
                 blend_every=blend_every, lambda1=lambda1, feature_weight=feature_weight,
                 snapshot_every=snapshot_every, localized=not no_localized,
                 decode_blend=decode_blend, t_blend=t_blend, fit=fit, out=out,
@@ -457,6 +459,9 @@ _STATS = typer.Option(False, "--match-outside-stats", help="After every step, st
                       "(our addition; keeps removal from painting a new object).")
 _REFRESH = typer.Option(50, help="Recompute the path and the sampling curve every N "
                         "iterations (m in Algorithm 1).")
+_REFRESH_DRIFT = typer.Option(0.0, help="Also refresh whenever X_t has moved by more than this "
+                              "fraction of its norm since the last refresh (ours; 0: off). "
+                              "Fast mode's reused path goes stale with that move.")
 _BLEND_EVERY = typer.Option(70, help="Blend the outside of X_t back every N iterations.")
 _LAMBDA1 = typer.Option(50.0, "--lambda1", help="Saliency/blend loss: weight λ1 of the "
                         "rate term λ1·r^λ2 (App. D).")
@@ -484,7 +489,8 @@ def transfer(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
-    refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
+    refresh_every: int = _REFRESH, refresh_drift: float = _REFRESH_DRIFT,
+    blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     prompt: str = _CURVE_PROMPT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
@@ -500,7 +506,8 @@ def transfer(
     _curve_task("transfer", image, mask, box, reference, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
         t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt))
+        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt,
+        refresh_drift))
 
 
 @app.command()
@@ -514,7 +521,8 @@ def remove(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
-    refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
+    refresh_every: int = _REFRESH, refresh_drift: float = _REFRESH_DRIFT,
+    blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     prompt: str = _CURVE_PROMPT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
@@ -529,7 +537,8 @@ def remove(
     _curve_task("remove", image, mask, box, reference, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
         t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt))
+        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt,
+        refresh_drift))
 
 
 @app.command()
@@ -573,7 +582,8 @@ def adjust_saliency(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
-    refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
+    refresh_every: int = _REFRESH, refresh_drift: float = _REFRESH_DRIFT,
+    blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     prompt: str = _CURVE_PROMPT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
@@ -593,7 +603,8 @@ def adjust_saliency(
                 _curve_options(model, iterations, t, steps, lr, mode, snapshot_every,
                                no_localized, decode_blend, t_blend, fit, out, device, dtype,
                                seed, force, pixels_per_iteration, match_outside_stats,
-                               refresh_every, blend_every, lambda1, feature_weight, prompt))
+                               refresh_every, blend_every, lambda1, feature_weight, prompt,
+                               refresh_drift))
 
 
 @app.command()
@@ -605,7 +616,8 @@ def blend(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
-    refresh_every: int = _REFRESH, blend_every: int = _BLEND_EVERY,
+    refresh_every: int = _REFRESH, refresh_drift: float = _REFRESH_DRIFT,
+    blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     prompt: str = _CURVE_PROMPT,
     snapshot_every: int = _SNAP, no_localized: bool = _NOLOC,
@@ -620,7 +632,8 @@ def blend(
     _curve_task("blend", image, mask, None, None, "decrease", _curve_options(
         model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
         t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt))
+        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt,
+        refresh_drift))
 
 
 @app.command()

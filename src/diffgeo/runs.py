@@ -583,7 +583,8 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                reference: Sequence[int] | None = None, direction: str = "decrease",
                iterations: int | None = None, t: int = 700, num_steps: int = 50,
                lr: float = 0.02, mode: str = "fast", refresh_every: int = 50,
-               pixels_per_iteration: int | None = None, match_outside_stats: bool = False,
+               refresh_drift: float = 0.0, pixels_per_iteration: int | None = None,
+               match_outside_stats: bool = False,
                lambda1: float = 50.0, feature_weight: float = 1.0,
                blend_every: int = 70, t_blend: int = 500, localized: bool = True,
                decode_blend: bool = True, snapshot_every: int = 0, prompt: str = "",
@@ -618,7 +619,8 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
     defaults = {"saliency": 70, "blend": 100}.get(task, 300)
     cfg = CurveMatchingConfig(t=t, num_steps=num_steps, iterations=iterations or defaults,
                               lr=lr, mode=mode, refresh_every=refresh_every,
-                              blend_every=blend_every, t_blend=t_blend, localized=localized,
+                              refresh_drift=refresh_drift, blend_every=blend_every,
+                              t_blend=t_blend, localized=localized,
                               decode_blend=decode_blend, snapshot_every=snapshot_every,
                               pixels_per_iteration=pixels_per_iteration,
                               match_outside_stats=match_outside_stats, lambda1=lambda1,
@@ -658,9 +660,9 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                   f"{task}: generation curves before/after", invert_x=True)
         # One row per (pixel, timestep) pair; iteration_loss is what Adam stepped on.
         results.save_csv("history.csv", ["iteration", "pair", "iteration_loss", "loss", "rate",
-                                         "t_k", "row", "col", "blended"],
+                                         "t_k", "row", "col", "blended", "drift"],
                          [[h["iteration"], i, h["loss"], s["loss"], s["rate"], s["t_k"],
-                           *s["pixel"], h["blended"]]
+                           *s["pixel"], h["blended"], h["drift"]]
                           for h in res.history for i, s in enumerate(h["samples"])])
         results.save_json("settings.json", settings)
     settings["result"] = res

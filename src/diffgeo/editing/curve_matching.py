@@ -60,6 +60,9 @@ class CurveMatchingConfig:
     paper, and :data:`FAST_PIXELS_PER_ITERATION` in ``fast`` mode). ``match_outside_stats``
     (ours, off by default) projects the region of X_t after every step onto the noise
     statistics of the unedited X_t outside it: see :func:`match_outside_statistics`.
+    ``refresh_drift`` (ours, 0 = off) also refreshes the path whenever X_t has moved by more
+    than that fraction of its norm since the last refresh: fast mode's reused ΔX goes stale in
+    proportion to that move (each iteration's value is in the history as ``drift``).
     Without ``localized`` nothing is blended, neither X_t nor the decode."""
 
     t: int = 700
@@ -67,6 +70,7 @@ class CurveMatchingConfig:
     iterations: int = 300
     lr: float = 0.02
     refresh_every: int = 50
+    refresh_drift: float = 0.0
     blend_every: int = 70
     t_blend: int = 500
     mode: str = "fast"
@@ -106,6 +110,9 @@ class CurveMatchingConfig:
             raise InputError(f"lr must be > 0, got {self.lr}")
         if not 0 < self.lambda1 < float("inf"):
             raise InputError(f"lambda1 must be a finite number > 0, got {self.lambda1}")
+        if not 0 <= self.refresh_drift < float("inf"):
+            raise InputError(f"refresh_drift must be a finite number >= 0 (0: off), got "
+                             f"{self.refresh_drift}")
         if not 0 <= self.feature_weight < float("inf"):
             raise InputError(f"feature_weight must be a finite number >= 0, got "
                              f"{self.feature_weight}")
@@ -314,11 +321,17 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
     path = orig_path
     history: list[dict[str, Any]] = []
     snapshots: list[tuple[int, torch.Tensor]] = []
+    x_refreshed, refreshes = x_orig, 0
     for it in tqdm(range(cfg.iterations), desc=f"curve matching ({cfg.loss})",
                    disable=not progress):
-        if it > 0 and it % cfg.refresh_every == 0:
+        # How far X_t has moved since the path was last computed: fast mode's ΔX error grows
+        # with it (the reused ΔX assumes the walk's Jacobian is the identity along the move).
+        drift = float((x.detach() - x_refreshed).norm() / x_refreshed.norm().clamp_min(1e-12))
+        if it > 0 and (it % cfg.refresh_every == 0
+                       or (cfg.refresh_drift and drift > cfg.refresh_drift)):
             with torch.no_grad():
                 path = full_path(backbone, x.detach(), cfg.t, cfg.num_steps, cond)
+            x_refreshed, refreshes = x.detach().clone(), refreshes + 1
             c_a = curve_of(backbone, path, a_pixel, cond)
             if ref_inside:
                 c_ref = curve_of(backbone, path, reference_pixel, cond)
@@ -367,7 +380,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                 x.copy_(paste_outside(x, x_orig, mask))
             blended = True
         history.append({"iteration": it, "loss": loss.item(), "rate": r.mean().item(),
-                        "blended": blended,
+                        "blended": blended, "drift": drift,
                         "samples": [{"pixel": list(p), "t_k": tk, "rate": float(ri),
                                      "loss": float(li)}
                                     for p, tk, ri, li in zip(ps, tks, r.detach(),
@@ -396,6 +409,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         out = backbone.to_image(x_clean).clamp(-1, 1)
     region_after = curve_of(backbone, final_path, a_pixel, cond)
     settings = dict(cfg.__dict__, final_blend=final_blend, pixels_per_iteration=cfg.batch,
+                    refreshes=refreshes,
                     decode_blend=bool(cfg.localized and cfg.decode_blend),
                     reference_pixel=list(reference_pixel) if reference_pixel else None,
                     curve_pixel=list(a_pixel), region_pixels=len(pixels))
