@@ -356,6 +356,7 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
             for j in range(args.mode_seeds):
                 cfg = CurveMatchingConfig(iterations=args.mode_iterations, mode=mode,
                                           refresh_every=args.refresh_every,
+                                          refresh_drift=args.refresh_drift,
                                           seed=i + seed_offset + SEED_STRIDE * j,
                                           pixels_per_iteration=pairs, decode_blend=False)
                 t0 = time.perf_counter()
@@ -392,7 +393,8 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
     save_rows(panels, ["input", *runs], out / "modes.png")
     return {"scenes": per_scene, "summary": modes_summary(per_scene, list(runs), reference),
             "settings": {"iterations": args.mode_iterations, "variants": list(runs),
-                         "refresh_every": args.refresh_every, "seeds": args.mode_seeds}}
+                         "refresh_every": args.refresh_every, "seeds": args.mode_seeds,
+                         "refresh_drift": args.refresh_drift}}
 
 
 def loss_rel_diffs(row: dict[str, Any], a: str, b: str) -> dict[str, float]:
@@ -567,6 +569,8 @@ def main() -> None:
     ap.add_argument("--mode-scenes", type=int, default=5)
     ap.add_argument("--mode-iterations", type=int, default=60)
     ap.add_argument("--refresh-every", type=int, default=20)
+    ap.add_argument("--refresh-drift", type=float, default=0.0,
+                    help="modes gate: refresh_drift of every variant (0: periodic refresh only)")
     ap.add_argument("--mode-variants", default="faithful/1,fast/1,fast/4,faithful/4",
                     help="modes gate: MODE/PAIRS variants, compared with the first")
     ap.add_argument("--mode-seeds", type=int, default=1,
