@@ -425,22 +425,18 @@ def _curve_task(task: str, image: Path, mask: Path | None, box: str | None,
                f"{res['mean_loss_last_10']:.4g}); wrote {common['out']}/")
 
 
-def _curve_options(model: str, iterations: int | None, t: int, steps: int, lr: float,
-                   mode: str, snapshot_every: int, no_localized: bool, decode_blend: bool,
-                   t_blend: int, fit: str | None, out: Path, device: str, dtype: str, seed: int,
-                   force: bool, pixels_per_iteration: int | None,
-                   match_outside_stats: bool, refresh_every: int, blend_every: int,
-                   lambda1: float, feature_weight: float, prompt: str,
-                   refresh_drift: float) -> dict:
-    return dict(model=model, prompt=prompt, iterations=iterations, t=t, num_steps=steps, lr=lr,
-                mode=mode,
-                pixels_per_iteration=pixels_per_iteration,
-                match_outside_stats=match_outside_stats, refresh_every=refresh_every,
-                refresh_drift=refresh_drift,
-                blend_every=blend_every, lambda1=lambda1, feature_weight=feature_weight,
-                snapshot_every=snapshot_every, localized=not no_localized,
-                decode_blend=decode_blend, t_blend=t_blend, fit=fit, out=out,
-                device=device, dtype=dtype, seed=seed, force=force)
+#: Parameters every curve verb shares and passes on to runs.curve_edit under the same name.
+_CURVE_SHARED = ("model", "prompt", "iterations", "t", "lr", "mode", "pixels_per_iteration",
+                 "match_outside_stats", "refresh_every", "refresh_drift", "blend_every",
+                 "lambda1", "feature_weight", "snapshot_every", "decode_blend", "t_blend", "fit",
+                 "out", "device", "dtype", "seed", "force")
+
+
+def _curve_options(params: dict) -> dict:
+    """runs.curve_edit's settings from a curve verb's parameters (its ``locals()``): one
+    mapping instead of a 24-argument positional call repeated per verb."""
+    return {**{name: params[name] for name in _CURVE_SHARED},
+            "num_steps": params["steps"], "localized": not params["no_localized"]}
 
 
 _REGION_MASK = typer.Option(None, "--mask", help="Region mask image (white = region).")
@@ -503,11 +499,7 @@ def transfer(
 ) -> None:
     """Semantic transfer by curve matching: the region's generation curves are matched to the
     reference pixel's."""
-    _curve_task("transfer", image, mask, box, reference, "decrease", _curve_options(
-        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
-        t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt,
-        refresh_drift))
+    _curve_task("transfer", image, mask, box, reference, "decrease", _curve_options(locals()))
 
 
 @app.command()
@@ -534,11 +526,7 @@ def remove(
     seed: int = typer.Option(0, help=SEED_HELP), force: bool = typer.Option(False, help=FORCE_HELP),
 ) -> None:
     """Object removal by curve matching (to a background pixel, or a flat pseudo-curve)."""
-    _curve_task("remove", image, mask, box, reference, "decrease", _curve_options(
-        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
-        t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt,
-        refresh_drift))
+    _curve_task("remove", image, mask, box, reference, "decrease", _curve_options(locals()))
 
 
 @app.command()
@@ -600,11 +588,7 @@ def adjust_saliency(
 
         raise InputError("give exactly one of --increase or --decrease")
     _curve_task("saliency", image, mask, box, None, "increase" if increase else "decrease",
-                _curve_options(model, iterations, t, steps, lr, mode, snapshot_every,
-                               no_localized, decode_blend, t_blend, fit, out, device, dtype,
-                               seed, force, pixels_per_iteration, match_outside_stats,
-                               refresh_every, blend_every, lambda1, feature_weight, prompt,
-                               refresh_drift))
+                _curve_options(locals()))
 
 
 @app.command()
@@ -629,11 +613,7 @@ def blend(
     seed: int = typer.Option(0, help=SEED_HELP), force: bool = typer.Option(False, help=FORCE_HELP),
 ) -> None:
     """Image blending: decrease the saliency of the seam (the mask's 3×3 boundary band)."""
-    _curve_task("blend", image, mask, None, None, "decrease", _curve_options(
-        model, iterations, t, steps, lr, mode, snapshot_every, no_localized, decode_blend,
-        t_blend, fit, out, device, dtype, seed, force, pixels_per_iteration,
-        match_outside_stats, refresh_every, blend_every, lambda1, feature_weight, prompt,
-        refresh_drift))
+    _curve_task("blend", image, mask, None, None, "decrease", _curve_options(locals()))
 
 
 @app.command()
