@@ -223,6 +223,10 @@ def region_detail(image: torch.Tensor, mask: np.ndarray) -> float:
     return float((dy[:, m].mean() + dx[:, m].mean()) / 2)
 
 
+def moved_as_requested(direction: str, before: float, after: float) -> bool:
+    return bool(after < before if direction == "decrease" else after > before)
+
+
 SALIENCY_VARIANTS = ("decrease", "decrease + decode blend", "increase", "increase + decode blend")
 
 
@@ -237,29 +241,25 @@ def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
                                "contrast_before": region_contrast(x, s.mask),
                                "detail_before": region_detail(x, s.mask)}
         imgs = [x]
+        cfg = CurveMatchingConfig(iterations=args.saliency_iterations, seed=i,
+                                  decode_blend=False)
+        with torch.no_grad():
+            x_t = ddim.invert(bb, bb.to_state(x.to(bb.device, bb.dtype)), cfg.t,
+                              cfg.num_steps).last
+        lat_before = latent_region_fluctuation(bb, x_t, cfg.t, cfg.num_steps, pixels)
+        row["latent_fluctuation_before"] = lat_before
         for direction in ("decrease", "increase"):
-            cfg = CurveMatchingConfig(iterations=args.saliency_iterations, seed=i,
-                                      decode_blend=False)
-            if "latent_fluctuation_before" not in row:
-                with torch.no_grad():
-                    x_t = ddim.invert(bb, bb.to_state(x.to(bb.device, bb.dtype)), cfg.t,
-                                      cfg.num_steps).last
-                row["latent_fluctuation_before"] = latent_region_fluctuation(
-                    bb, x_t, cfg.t, cfg.num_steps, pixels)
             res = tasks.saliency(bb, x, s.mask, direction, cfg)
-            lat_before = row["latent_fluctuation_before"]
             lat_after = latent_region_fluctuation(bb, res.state, cfg.t, cfg.num_steps, pixels)
-            lat_moved = (lat_after < lat_before if direction == "decrease"
-                         else lat_after > lat_before)
             decoded = {"": res.image,
                        " + decode blend": with_decode_blend(bb, x, s.mask, res, cfg)}
             for suffix, img in decoded.items():
                 after = region_fluctuation(bb, img, pixels, args.curve_steps)
-                moved = after < before if direction == "decrease" else after > before
                 row[direction + suffix] = {
-                    "fluctuation_after": after, "moved_as_requested": bool(moved),
+                    "fluctuation_after": after,
+                    "moved_as_requested": moved_as_requested(direction, before, after),
                     "latent_fluctuation_after": lat_after,
-                    "moved_on_latent": bool(lat_moved),
+                    "moved_on_latent": moved_as_requested(direction, lat_before, lat_after),
                     "relative_change": (after - before) / before,
                     "mse_outside": masked_mse(img, x, 1 - s.mask),
                     "mse_inside": masked_mse(img, x, s.mask),

@@ -22,7 +22,7 @@ def layer_norm_from_moments(module: torch.nn.LayerNorm, x: torch.Tensor) -> torc
 
     Why: torch's fused layer_norm returns wrong second-order forward-mode derivatives
     (pytorch/pytorch#196700, open on torch 2.13), so the gradient of a JVP through it — what
-    curve matching differentiates — is wrong: 5-10% off central differences on a tiny
+    curve matching differentiates — is wrong: 0.25-10% off central differences on a tiny
     Stable Diffusion U-Net, sign flipped on a bare LayerNorm. Statistics are taken in at least
     float32, as the fused kernel does for half precision.
     """
