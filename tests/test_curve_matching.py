@@ -124,6 +124,11 @@ def test_batched_rates_equal_single_rates_and_their_gradients(bb64):
         single[0].backward()
         grad_sum += zi.grad
     assert torch.allclose(z.grad, grad_sum, rtol=1e-9, atol=1e-12)
+    # one state broadcast to every element (expand shares its memory, which forward-mode AD
+    # refuses unless copied first) gives the rates of that state materialised per element
+    shared = rates_batch(bb64, x.expand(3, -1, -1, -1), ts, v, None)
+    assert torch.allclose(shared, rates_batch(bb64, x.repeat(3, 1, 1, 1), ts, v, None),
+                          rtol=1e-12)
     with pytest.raises(InputError, match="one timestep and one direction"):
         rates_batch(bb64, z + deltas, ts[:2], v, None)
 

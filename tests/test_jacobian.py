@@ -160,6 +160,16 @@ def test_float64_pixel_jvp_is_float64_accurate(pixel_bb64):
     assert rel(jv, rich) <= 1e-9
 
 
+def test_jvp_of_a_broadcast_state_equals_the_materialised_one(pixel_bb64):
+    """x.expand(...) shares memory across the batch, which forward-mode AD refuses."""
+    bb = pixel_bb64
+    x = torch.randn(1, *bb.state_shape, generator=gen(12), dtype=torch.float64)
+    v = torch.randn(2, *bb.state_shape, generator=gen(13), dtype=torch.float64)
+    y, jv = J.jvp(bb, x.expand(2, -1, -1, -1), v, T_EVAL)
+    y_ref, jv_ref = J.jvp(bb, x.repeat(2, 1, 1, 1), v, T_EVAL)
+    assert torch.equal(y, y_ref) and torch.equal(jv, jv_ref)
+
+
 def test_float64_sd_jvp_is_float64_accurate(sd_bb64):
     """The same check on a U-Net without upcast_softmax."""
     bb = sd_bb64

@@ -54,7 +54,8 @@ def jvp(backbone: Backbone, x: torch.Tensor, v: torch.Tensor, t: int | torch.Ten
                          "(for several directions use batched_jvp)")
     f = output_fn(backbone, t, cond, output)
     with backbone.derivative_mode():
-        return _jvp(f, (x,), (v.to(x).contiguous(),))
+        # forward-mode AD refuses a broadcast (expanded) primal; contiguous() copies only then
+        return _jvp(f, (x.contiguous(),), (v.to(x).contiguous(),))
 
 
 def vjp(backbone: Backbone, x: torch.Tensor, u: torch.Tensor, t: int | torch.Tensor,

@@ -178,7 +178,9 @@ def rates_batch(backbone: Backbone, x: torch.Tensor, t: Sequence[int], v: torch.
     tt = torch.as_tensor([int(s) for s in t], dtype=torch.long)
     c = _expand_cond(cond, 1, B) if B > 1 else cond
     with backbone.derivative_mode():
-        _, jv = jvp(lambda z: backbone.h(z, tt, c), (x,), (v.to(x).contiguous(),))
+        # A broadcast (expanded) state would share memory between batch elements, which
+        # forward-mode AD refuses; contiguous() copies only in that case.
+        _, jv = jvp(lambda z: backbone.h(z, tt, c), (x.contiguous(),), (v.to(x).contiguous(),))
     return jv.flatten(1).norm(dim=1)
 
 
