@@ -368,6 +368,8 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
                     "curve_loss": float((res.region_curve_after
                                          - res.reference_curve).abs().mean()),
                     "region_curve_loss": region_curve_loss(bb, res, region),
+                    "refreshes": res.settings["refreshes"],
+                    "drift_refreshes": res.settings["drift_refreshes"],
                     "curve_loss_before": float((res.region_curve_before
                                                 - res.reference_curve).abs().mean())})
                 if j == 0:
@@ -394,7 +396,9 @@ def modes_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
     return {"scenes": per_scene, "summary": modes_summary(per_scene, list(runs), reference),
             "settings": {"iterations": args.mode_iterations, "variants": list(runs),
                          "refresh_every": args.refresh_every, "seeds": args.mode_seeds,
-                         "refresh_drift": args.refresh_drift}}
+                         "refresh_drift": {name: CurveMatchingConfig(
+                             mode=mode, refresh_drift=args.refresh_drift).drift_tolerance
+                             for name, (mode, _, _) in runs.items()}}}
 
 
 def loss_rel_diffs(row: dict[str, Any], a: str, b: str) -> dict[str, float]:
@@ -569,8 +573,9 @@ def main() -> None:
     ap.add_argument("--mode-scenes", type=int, default=5)
     ap.add_argument("--mode-iterations", type=int, default=60)
     ap.add_argument("--refresh-every", type=int, default=20)
-    ap.add_argument("--refresh-drift", type=float, default=0.0,
-                    help="modes gate: refresh_drift of every variant (0: periodic refresh only)")
+    ap.add_argument("--refresh-drift", type=float, default=None,
+                    help="modes gate: refresh_drift of every variant (default: each mode's "
+                         "own, 0.05 for fast and off for faithful; 0: periodic refresh only)")
     ap.add_argument("--mode-variants", default="faithful/1,fast/1,fast/4,faithful/4",
                     help="modes gate: MODE/PAIRS variants, compared with the first")
     ap.add_argument("--mode-seeds", type=int, default=1,

@@ -56,11 +56,21 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     assert s["curve_matching"]["feature_weight"] == (0 if tuned else 1)
     assert s["curve_matching"]["refresh_every"] == (2 if tuned else 50)
     drift = "--refresh-drift" in extra
-    assert s["curve_matching"]["refresh_drift"] == (1e-9 if drift else 0.0)
-    # a tolerance below any move refreshes on every iteration after the first
-    assert s["curve_matching"]["refreshes"] == (2 if drift else 1 if tuned else 0)
-    assert s["curve_matching"]["blend_every"] == (2 if tuned else 70)
+    # the resolved tolerance: the mode's default unless given
+    tolerance = 1e-9 if drift else 0.0 if "faithful" in extra else 0.05
+    assert s["curve_matching"]["refresh_drift"] == tolerance
+    assert s["curve_matching"]["refreshes"] == (1 if tuned else 0)
     rows = list(csv.DictReader((out / "history.csv").open()))  # one row per pair
+    rewalked = {int(r["iteration"]) for r in rows if r["rewalked"] == "True"}
+    drift_at = {int(r["iteration"]): float(r["drift"]) for r in rows}
+    every = 2 if tuned else 50
+    # a drift re-walk: past the tolerance on an iteration without a periodic refresh (with
+    # 1e-9, every iteration after the first)
+    assert rewalked == {i for i in (1, 2) if i % every and tolerance
+                        and drift_at[i] > tolerance}
+    assert not drift or rewalked == {1, 2}
+    assert s["curve_matching"]["drift_refreshes"] == len(rewalked)
+    assert s["curve_matching"]["blend_every"] == (2 if tuned else 70)
     assert len(rows) == 3 * pairs and all(np.isfinite(float(row["loss"])) for row in rows)
     assert float(rows[0]["drift"]) == 0.0 and all(float(row["drift"]) >= 0 for row in rows)
     assert sorted({int(row["iteration"]) for row in rows}) == [0, 1, 2]

@@ -11,6 +11,7 @@ from diffgeo.curves import pixel_direction
 from diffgeo.editing import tasks
 from diffgeo.editing.curve_matching import (
     FAST_PIXELS_PER_ITERATION,
+    FAST_REFRESH_DRIFT,
     CurveMatchingConfig,
     _walk_to,
     blended_decode,
@@ -71,25 +72,44 @@ def test_fast_equals_faithful_when_the_path_is_refreshed_every_iteration(pixel_b
     assert fast.losses == pytest.approx(slow.losses, rel=1e-4)
 
 
-def test_refresh_drift_refreshes_when_x_t_has_moved(pixel_bb):
-    """A drift tolerance below any move refreshes every iteration (fast then equals faithful
-    with refresh_every=1); an unreachable one leaves the periodic refresh alone."""
+def test_refresh_drift_rewalks_when_x_t_has_moved(pixel_bb):
+    """A drift tolerance below any move re-walks the path every iteration: fast mode's ΔX is
+    then exact and fast equals faithful, with the same timestep draws (a re-walk leaves the
+    sampling curve on the periodic schedule); an unreachable one leaves the periodic refresh
+    alone."""
     cfg = dict(t=500, num_steps=10, iterations=4, loss="minimize", seed=3, localized=False,
                pixels_per_iteration=2, lr=0.1)
-    every = curve_matching(pixel_bb, _image(), REGION,
-                           CurveMatchingConfig(mode="faithful", refresh_every=1, **cfg))
+    faithful = curve_matching(pixel_bb, _image(), REGION,
+                              CurveMatchingConfig(mode="faithful", refresh_every=50, **cfg))
     drift = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(
         mode="fast", refresh_every=50, refresh_drift=1e-9, **cfg))
-    assert drift.settings["refreshes"] == 3 and every.settings["refreshes"] == 3
-    assert torch.allclose(drift.state, every.state, atol=1e-5)
+    assert drift.settings["drift_refreshes"] == 3 and drift.settings["refreshes"] == 0
+    assert [h["rewalked"] for h in drift.history] == [False, True, True, True]
+    assert faithful.settings["drift_refreshes"] == 0  # faithful's default: off
+    assert torch.allclose(drift.state, faithful.state, atol=1e-5)
+    assert [[s["t_k"] for s in h["samples"]] for h in drift.history] == \
+        [[s["t_k"] for s in h["samples"]] for h in faithful.history]
     never = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(
         mode="fast", refresh_every=2, refresh_drift=1e9, **cfg))
     assert never.settings["refreshes"] == 1  # iteration 2 only
+    assert never.settings["drift_refreshes"] == 0
     # the recorded drift is the relative move of X_t since the last refresh: zero before the
     # first step; at iteration 3 one step's move, as iteration 2's refresh took a new base
     d = [h["drift"] for h in never.history]
     assert d[0] == 0.0 and 0 < d[1] < d[2] and d[3] < d[2]
     assert drift.history[1]["drift"] > 0  # measured before that iteration's refresh
+
+
+def test_refresh_drift_default_by_mode(pixel_bb):
+    assert CurveMatchingConfig(mode="fast").drift_tolerance == FAST_REFRESH_DRIFT
+    assert CurveMatchingConfig(mode="faithful").drift_tolerance == 0.0
+    assert CurveMatchingConfig(mode="fast", refresh_drift=0).drift_tolerance == 0.0
+    assert CurveMatchingConfig(mode="faithful", refresh_drift=0.1).drift_tolerance == 0.1
+    res = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(
+        t=500, num_steps=10, iterations=3, loss="minimize", localized=False, lr=0.5))
+    assert res.settings["refresh_drift"] == FAST_REFRESH_DRIFT
+    assert res.settings["drift_refreshes"] == sum(
+        h["drift"] > FAST_REFRESH_DRIFT for h in res.history[1:]) > 0
 
 
 def test_pairs_per_iteration_default_by_mode(pixel_bb):
@@ -325,6 +345,7 @@ def test_full_path_passes_through_x_t(pixel_bb):
     (dict(loss="minimize", pixels_per_iteration=2.0), "pixels_per_iteration"),
     (dict(loss="minimize", refresh_drift=-0.1), "refresh_drift"),
     (dict(loss="minimize", refresh_drift=float("inf")), "refresh_drift"),
+    (dict(loss="minimize", refresh_drift="0.1"), "refresh_drift"),
 ])
 def test_bad_settings(pixel_bb, kwargs, match):
     with pytest.raises(InputError, match=match):

@@ -455,9 +455,10 @@ _STATS = typer.Option(False, "--match-outside-stats", help="After every step, st
                       "(our addition; keeps removal from painting a new object).")
 _REFRESH = typer.Option(50, help="Recompute the path and the sampling curve every N "
                         "iterations (m in Algorithm 1).")
-_REFRESH_DRIFT = typer.Option(0.0, help="Also refresh whenever X_t has moved by more than this "
-                              "fraction of its norm since the last refresh (ours; 0: off). "
-                              "Fast mode's reused path goes stale with that move.")
+_REFRESH_DRIFT = typer.Option(None, help="Re-walk the path whenever X_t has moved by more than "
+                              "this fraction of its norm since the last walk (ours; 0: off). "
+                              "Fast mode's reused path goes stale with that move. "
+                              "[default: 0.05 in fast mode, off in faithful mode]")
 _BLEND_EVERY = typer.Option(70, help="Blend the outside of X_t back every N iterations.")
 _LAMBDA1 = typer.Option(50.0, "--lambda1", help="Saliency/blend loss: weight λ1 of the "
                         "rate term λ1·r^λ2 (App. D).")
@@ -485,7 +486,7 @@ def transfer(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
-    refresh_every: int = _REFRESH, refresh_drift: float = _REFRESH_DRIFT,
+    refresh_every: int = _REFRESH, refresh_drift: float | None = _REFRESH_DRIFT,
     blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     prompt: str = _CURVE_PROMPT,
@@ -513,7 +514,7 @@ def remove(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
-    refresh_every: int = _REFRESH, refresh_drift: float = _REFRESH_DRIFT,
+    refresh_every: int = _REFRESH, refresh_drift: float | None = _REFRESH_DRIFT,
     blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     prompt: str = _CURVE_PROMPT,
@@ -570,7 +571,7 @@ def adjust_saliency(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
-    refresh_every: int = _REFRESH, refresh_drift: float = _REFRESH_DRIFT,
+    refresh_every: int = _REFRESH, refresh_drift: float | None = _REFRESH_DRIFT,
     blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     prompt: str = _CURVE_PROMPT,
@@ -600,7 +601,7 @@ def blend(
     t: int = _T, steps: int = _STEPS, lr: float = _LR, mode: str = _MODE,
     pixels_per_iteration: int | None = _PIXELS,
     match_outside_stats: bool = _STATS,
-    refresh_every: int = _REFRESH, refresh_drift: float = _REFRESH_DRIFT,
+    refresh_every: int = _REFRESH, refresh_drift: float | None = _REFRESH_DRIFT,
     blend_every: int = _BLEND_EVERY,
     lambda1: float = _LAMBDA1, feature_weight: float = _FEATURE_WEIGHT,
     prompt: str = _CURVE_PROMPT,

@@ -583,7 +583,7 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                reference: Sequence[int] | None = None, direction: str = "decrease",
                iterations: int | None = None, t: int = 700, num_steps: int = 50,
                lr: float = 0.02, mode: str = "fast", refresh_every: int = 50,
-               refresh_drift: float = 0.0, pixels_per_iteration: int | None = None,
+               refresh_drift: float | None = None, pixels_per_iteration: int | None = None,
                match_outside_stats: bool = False,
                lambda1: float = 50.0, feature_weight: float = 1.0,
                blend_every: int = 70, t_blend: int = 500, localized: bool = True,
@@ -660,9 +660,10 @@ def curve_edit(task: str, image: str | Path, *, model: str | Backbone = "default
                   f"{task}: generation curves before/after", invert_x=True)
         # One row per (pixel, timestep) pair; iteration_loss is what Adam stepped on.
         results.save_csv("history.csv", ["iteration", "pair", "iteration_loss", "loss", "rate",
-                                         "t_k", "row", "col", "blended", "drift"],
+                                         "t_k", "row", "col", "blended", "drift",
+                                         "rewalked"],
                          [[h["iteration"], i, h["loss"], s["loss"], s["rate"], s["t_k"],
-                           *s["pixel"], h["blended"], h["drift"]]
+                           *s["pixel"], h["blended"], h["drift"], h["rewalked"]]
                           for h in res.history for i, s in enumerate(h["samples"])])
         results.save_json("settings.json", settings)
     settings["result"] = res

@@ -12,7 +12,8 @@ Per iteration (``iterations`` of them, Adam with ``lr``):
    inside the region) — ``pixels_per_iteration`` such pairs (p_k, t_k), drawn independently;
 2. X_{t_k} = X_t + ΔX with ΔX computed without gradients — ``faithful`` re-integrates the DDIM
    path from the current X_t each iteration (the paper); ``fast`` reuses the ΔX of the path
-   computed at the last refresh (DESIGN.md §4), which is identical when refreshing every step;
+   computed at the last refresh (DESIGN.md §4), which is identical when refreshing every step,
+   and re-walks that path whenever X_t has moved by ``refresh_drift`` (5% by default) since;
 3. r = ‖D h_{t_k}(X_{t_k})[e_{p_k}]‖ with gradient — all pairs in one batched JVP, each batch
    element with its own state, timestep and direction — the loss of the task (below) averaged
    over the pairs, an Adam step (then, with ``match_outside_stats``, the region of X_t is
@@ -50,6 +51,9 @@ MODES = ("fast", "faithful")
 #: per iteration on the default model on a 2-core CPU, benchmarks/curve_matching_speed.py), a
 #: quarter of the gradient variance of the paper's single pair.
 FAST_PIXELS_PER_ITERATION = 4
+#: Fast mode re-walks its path once X_t has moved by this fraction of its norm since the last
+#: walk (``refresh_drift=None``): the reused ΔX goes stale in proportion to that move.
+FAST_REFRESH_DRIFT = 0.05
 
 
 @dataclass
@@ -60,9 +64,12 @@ class CurveMatchingConfig:
     paper, and :data:`FAST_PIXELS_PER_ITERATION` in ``fast`` mode). ``match_outside_stats``
     (ours, off by default) projects the region of X_t after every step onto the noise
     statistics of the unedited X_t outside it: see :func:`match_outside_statistics`.
-    ``refresh_drift`` (ours, 0 = off) also refreshes the path whenever X_t has moved by more
-    than that fraction of its norm since the last refresh: fast mode's reused ΔX goes stale in
-    proportion to that move (each iteration's value is in the history as ``drift``).
+    ``refresh_drift`` (ours; ``None``: :data:`FAST_REFRESH_DRIFT` in ``fast`` mode, off in
+    ``faithful``; 0: off) also re-walks the path whenever X_t has moved by more than that
+    fraction of its norm since the last walk: fast mode's reused ΔX goes stale in proportion
+    to that move (each iteration's value is in the history as ``drift``, and ``rewalked`` says
+    where it triggered). A re-walk renews the path only; the sampling curve c_a (and c*) keep
+    the ``refresh_every`` schedule, so with a tolerance of 0+ fast mode equals faithful mode.
     Without ``localized`` nothing is blended, neither X_t nor the decode."""
 
     t: int = 700
@@ -70,7 +77,7 @@ class CurveMatchingConfig:
     iterations: int = 300
     lr: float = 0.02
     refresh_every: int = 50
-    refresh_drift: float = 0.0
+    refresh_drift: float | None = None
     blend_every: int = 70
     t_blend: int = 500
     mode: str = "fast"
@@ -84,6 +91,13 @@ class CurveMatchingConfig:
     pixels_per_iteration: int | None = None
     match_outside_stats: bool = False
     seed: int = 0
+
+    @property
+    def drift_tolerance(self) -> float:
+        """The relative move of X_t that triggers a drift refresh (0: never)."""
+        if self.refresh_drift is not None:
+            return self.refresh_drift
+        return FAST_REFRESH_DRIFT if self.mode == "fast" else 0.0
 
     @property
     def batch(self) -> int:
@@ -110,9 +124,11 @@ class CurveMatchingConfig:
             raise InputError(f"lr must be > 0, got {self.lr}")
         if not 0 < self.lambda1 < float("inf"):
             raise InputError(f"lambda1 must be a finite number > 0, got {self.lambda1}")
-        if not 0 <= self.refresh_drift < float("inf"):
-            raise InputError(f"refresh_drift must be a finite number >= 0 (0: off), got "
-                             f"{self.refresh_drift}")
+        rd = self.refresh_drift
+        if rd is not None and (isinstance(rd, bool) or not isinstance(rd, (int, float))
+                               or not 0 <= rd < float("inf")):
+            raise InputError(f"refresh_drift must be a finite number >= 0 (0: off; None: the "
+                             f"mode's default), got {rd!r}")
         if not 0 <= self.feature_weight < float("inf"):
             raise InputError(f"feature_weight must be a finite number >= 0, got "
                              f"{self.feature_weight}")
@@ -323,17 +339,25 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
     path = orig_path
     history: list[dict[str, Any]] = []
     snapshots: list[tuple[int, torch.Tensor]] = []
-    x_refreshed, refreshes = x_orig, 0
+    x_refreshed, refreshes, rewalks = x_orig, 0, 0
+    tolerance = cfg.drift_tolerance
     for it in tqdm(range(cfg.iterations), desc=f"curve matching ({cfg.loss})",
                    disable=not progress):
         # How far X_t has moved since the path was last computed: fast mode's ΔX error grows
         # with it (the reused ΔX assumes the walk's Jacobian is the identity along the move).
         drift = float((x.detach() - x_refreshed).norm() / x_refreshed.norm().clamp_min(1e-12))
-        if it > 0 and (it % cfg.refresh_every == 0
-                       or (cfg.refresh_drift and drift > cfg.refresh_drift)):
+        periodic = it > 0 and it % cfg.refresh_every == 0
+        # A drift refresh renews only what goes stale with the move (the path, hence fast
+        # mode's ΔX); the curves that steer sampling keep the paper's schedule.
+        rewalk = not periodic and it > 0 and tolerance > 0 and drift > tolerance
+        if periodic or rewalk:
             with torch.no_grad():
                 path = full_path(backbone, x.detach(), cfg.t, cfg.num_steps, cond)
-            x_refreshed, refreshes = x.detach().clone(), refreshes + 1
+            x_refreshed = x.detach().clone()
+        if rewalk:
+            rewalks += 1
+        if periodic:
+            refreshes += 1
             c_a = curve_of(backbone, path, a_pixel, cond)
             if ref_inside:
                 c_ref = curve_of(backbone, path, reference_pixel, cond)
@@ -382,7 +406,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                 x.copy_(paste_outside(x, x_orig, mask))
             blended = True
         history.append({"iteration": it, "loss": loss.item(), "rate": r.mean().item(),
-                        "blended": blended, "drift": drift,
+                        "blended": blended, "drift": drift, "rewalked": rewalk,
                         "samples": [{"pixel": list(p), "t_k": tk, "rate": float(ri),
                                      "loss": float(li)}
                                     for p, tk, ri, li in zip(ps, tks, r.detach(),
@@ -411,7 +435,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         out = backbone.to_image(x_clean).clamp(-1, 1)
     region_after = curve_of(backbone, final_path, a_pixel, cond)
     settings = dict(cfg.__dict__, final_blend=final_blend, pixels_per_iteration=cfg.batch,
-                    refreshes=refreshes,
+                    refresh_drift=tolerance, refreshes=refreshes, drift_refreshes=rewalks,
                     decode_blend=bool(cfg.localized and cfg.decode_blend),
                     reference_pixel=list(reference_pixel) if reference_pixel else None,
                     curve_pixel=list(a_pixel), region_pixels=len(pixels))
