@@ -93,6 +93,8 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     ("blend", ["--mask", "MASK", "--feature-weight", "-1"], "feature_weight"),
     ("remove", ["--mask", "MASK", "--refresh-every", "0"], "refresh_every"),
     ("remove", ["--mask", "MASK", "--refresh-drift", "-1"], "refresh_drift"),
+    ("remove", ["--mask", "MASK", "--mode", "faithful", "--refresh-drift", "0.1"],
+     "fast mode only"),
 ])
 def test_bad_inputs(cli, tiny, image, mask_file, tmp_path, verb, extra, message):
     extra = [str(mask_file) if e == "MASK" else e for e in extra]

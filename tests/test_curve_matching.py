@@ -104,7 +104,8 @@ def test_refresh_drift_default_by_mode(pixel_bb):
     assert CurveMatchingConfig(mode="fast").drift_tolerance == FAST_REFRESH_DRIFT
     assert CurveMatchingConfig(mode="faithful").drift_tolerance == 0.0
     assert CurveMatchingConfig(mode="fast", refresh_drift=0).drift_tolerance == 0.0
-    assert CurveMatchingConfig(mode="faithful", refresh_drift=0.1).drift_tolerance == 0.1
+    assert CurveMatchingConfig(mode="fast", refresh_drift=0.1).drift_tolerance == 0.1
+    assert CurveMatchingConfig(mode="faithful", refresh_drift=0).drift_tolerance == 0.0
     res = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(
         t=500, num_steps=10, iterations=3, loss="minimize", localized=False, lr=0.5))
     assert res.settings["refresh_drift"] == FAST_REFRESH_DRIFT
@@ -346,6 +347,7 @@ def test_full_path_passes_through_x_t(pixel_bb):
     (dict(loss="minimize", refresh_drift=-0.1), "refresh_drift"),
     (dict(loss="minimize", refresh_drift=float("inf")), "refresh_drift"),
     (dict(loss="minimize", refresh_drift="0.1"), "refresh_drift"),
+    (dict(loss="minimize", mode="faithful", refresh_drift=0.05), "fast mode only"),
 ])
 def test_bad_settings(pixel_bb, kwargs, match):
     with pytest.raises(InputError, match=match):

@@ -458,7 +458,7 @@ _REFRESH = typer.Option(50, help="Recompute the path and the sampling curve ever
 _REFRESH_DRIFT = typer.Option(None, help="Re-walk the path whenever X_t has moved by more than "
                               "this fraction of its norm since the last walk (ours; 0: off). "
                               "Fast mode's reused path goes stale with that move. "
-                              "[default: 0.05 in fast mode, off in faithful mode]")
+                              "Fast mode only. [default: 0.05 in fast mode]")
 _BLEND_EVERY = typer.Option(70, help="Blend the outside of X_t back every N iterations.")
 _LAMBDA1 = typer.Option(50.0, "--lambda1", help="Saliency/blend loss: weight λ1 of the "
                         "rate term λ1·r^λ2 (App. D).")

@@ -64,8 +64,8 @@ class CurveMatchingConfig:
     paper, and :data:`FAST_PIXELS_PER_ITERATION` in ``fast`` mode). ``match_outside_stats``
     (ours, off by default) projects the region of X_t after every step onto the noise
     statistics of the unedited X_t outside it: see :func:`match_outside_statistics`.
-    ``refresh_drift`` (ours; ``None``: :data:`FAST_REFRESH_DRIFT` in ``fast`` mode, off in
-    ``faithful``; 0: off) also re-walks the path whenever X_t has moved by more than that
+    ``refresh_drift`` (ours, fast mode only; ``None``: :data:`FAST_REFRESH_DRIFT`; 0: off)
+    also re-walks the path whenever X_t has moved by more than that
     fraction of its norm since the last walk: fast mode's reused ΔX goes stale in proportion
     to that move (each iteration's value is in the history as ``drift``, and ``rewalked`` says
     where it triggered). A re-walk renews the path only; the sampling curve c_a (and c*) keep
@@ -129,6 +129,9 @@ class CurveMatchingConfig:
                                or not 0 <= rd < float("inf")):
             raise InputError(f"refresh_drift must be a finite number >= 0 (0: off; None: the "
                              f"mode's default), got {rd!r}")
+        if rd and self.mode == "faithful":
+            raise InputError("refresh_drift applies to fast mode only: faithful mode "
+                             "re-integrates the path from X_t every iteration (give 0 or None)")
         if not 0 <= self.feature_weight < float("inf"):
             raise InputError(f"feature_weight must be a finite number >= 0, got "
                              f"{self.feature_weight}")
