@@ -36,14 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import jvp
 from tqdm.auto import tqdm
 
 from diffgeo import ddim
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.curves import pixel_direction, rates_at
 from diffgeo.errors import InputError
-from diffgeo.jacobian import _expand_cond
+from diffgeo.jacobian import _expand_cond, jvp
 
 LOSSES = ("match", "minimize", "saliency")
 MODES = ("fast", "faithful")
@@ -196,10 +195,7 @@ def rates_batch(backbone: Backbone, x: torch.Tensor, t: Sequence[int], v: torch.
                          f"{B} states, {len(t)} timesteps, {v.shape[0]} directions")
     tt = torch.as_tensor([int(s) for s in t], dtype=torch.long)
     c = _expand_cond(cond, 1, B) if B > 1 else cond
-    with backbone.derivative_mode():
-        # A broadcast (expanded) state would share memory between batch elements, which
-        # forward-mode AD refuses; contiguous() copies only in that case.
-        _, jv = jvp(lambda z: backbone.h(z, tt, c), (x.contiguous(),), (v.to(x).contiguous(),))
+    _, jv = jvp(backbone, x, v.to(x), tt, c, output="h")
     return jv.flatten(1).norm(dim=1)
 
 
