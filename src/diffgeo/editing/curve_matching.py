@@ -338,7 +338,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
     path = orig_path
     history: list[dict[str, Any]] = []
     snapshots: list[tuple[int, torch.Tensor]] = []
-    x_refreshed, refreshes, rewalks = x_orig, 0, 0
+    x_refreshed, refreshes = x_orig, 0
     tolerance = cfg.drift_tolerance
     for it in tqdm(range(cfg.iterations), desc=f"curve matching ({cfg.loss})",
                    disable=not progress):
@@ -353,8 +353,6 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
             with torch.no_grad():
                 path = full_path(backbone, x.detach(), cfg.t, cfg.num_steps, cond)
             x_refreshed = x.detach().clone()
-        if rewalk:
-            rewalks += 1
         if periodic:
             refreshes += 1
             c_a = curve_of(backbone, path, a_pixel, cond)
@@ -434,7 +432,8 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         out = backbone.to_image(x_clean).clamp(-1, 1)
     region_after = curve_of(backbone, final_path, a_pixel, cond)
     settings = dict(cfg.__dict__, final_blend=final_blend, pixels_per_iteration=cfg.batch,
-                    refresh_drift=tolerance, refreshes=refreshes, drift_refreshes=rewalks,
+                    refresh_drift=tolerance, refreshes=refreshes,
+                    drift_refreshes=sum(h["rewalked"] for h in history),
                     decode_blend=bool(cfg.localized and cfg.decode_blend),
                     reference_pixel=list(reference_pixel) if reference_pixel else None,
                     curve_pixel=list(a_pixel), region_pixels=len(pixels))
