@@ -98,7 +98,7 @@ def run_one(method: str, folder: Path, steps: int, strength: float, device: str)
             with torch.no_grad():
                 src, ex = bb.to_state(image), bb.to_state(exemplar)
                 res = pixels_edit(bb, src, [ex], [emap], generator=torch.Generator().manual_seed(0),
-                                  strength=strength, num_steps=steps)
+                                  strength=strength, grid=steps)
                 bb.to_image(res.state)
     work()  # warm-up (first-call overheads belong to neither method)
     calls[0] = 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
-from diffgeo import ddim
+from diffgeo import sampling as ddim
 from diffgeo.backbones import load_backbone
 from diffgeo.curves import pixel_direction
 from diffgeo.editing import tasks
@@ -23,6 +25,7 @@ from diffgeo.editing.curve_matching import (
     state_region,
 )
 from diffgeo.errors import InputError
+from diffgeo.sampling import Grid
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +165,9 @@ def test_faithful_walk_covers_targets_above_and_below(pixel_bb, monkeypatch):
         assert torch.allclose(walked[t], path[t], atol=1e-6)
     # One walk per side that has targets, each only as far as its farthest target.
     calls = []
-    real_walk = ddim.walk
-    monkeypatch.setattr(ddim, "walk", lambda bb, x, a, b, *r: calls.append((a, b))
+    module = sys.modules["diffgeo.editing.curve_matching"]
+    real_walk = module.walk
+    monkeypatch.setattr(module, "walk", lambda bb, x, a, b, *r: calls.append((a, b))
                         or real_walk(bb, x, a, b, *r))
     for targets, expected in (([200], [(500, 200)]), ([300, 200], [(500, 200)]),
                               ([800, 700], [(500, 800)]), ([500], []),
@@ -214,16 +218,17 @@ def test_blended_decode_oracles(pixel_bb):
     cfg = CurveMatchingConfig(t=600, num_steps=10, t_blend=300)
     plain = ddim.generate(pixel_bb, x_orig, 600, 10).last
     # Nothing edited: pasting the unedited path back changes nothing.
-    assert torch.allclose(blended_decode(pixel_bb, x_orig, orig_path, mask, cfg, None), plain,
+    assert torch.allclose(blended_decode(pixel_bb, x_orig, orig_path, mask, cfg, 10, None),
+                          plain,
                           atol=1e-5)
     # t_blend at or above t: no level to blend at, the paper's decode.
     high = CurveMatchingConfig(t=600, num_steps=10, t_blend=600)
-    assert torch.equal(blended_decode(pixel_bb, edited, orig_path, mask, high, None),
+    assert torch.equal(blended_decode(pixel_bb, edited, orig_path, mask, high, 10, None),
                        ddim.generate(pixel_bb, edited, 600, 10).last)
     # Blending down to level 100: the outside is the unedited path's level-100 state taken
     # through the last two steps, so it stays far closer to the unedited result.
     low = CurveMatchingConfig(t=600, num_steps=10, t_blend=0)
-    out = blended_decode(pixel_bb, edited, orig_path, mask, low, None)
+    out = blended_decode(pixel_bb, edited, orig_path, mask, low, 10, None)
     free = ddim.generate(pixel_bb, edited, 600, 10).last
     outside = (REGION == 0)[None, None].expand_as(out)
     err_blend = (out - plain)[outside].abs().max()
@@ -242,7 +247,7 @@ def test_decode_blend_setting_is_used(pixel_bb):
     assert ours.settings["decode_blend"] and not paper.settings["decode_blend"]
     x_orig = ddim.invert(pixel_bb, _image(), 600, 10).last
     expected = blended_decode(pixel_bb, ours.state, full_path(pixel_bb, x_orig, 600, 10, None),
-                              REGION[None, None], CurveMatchingConfig(**cfg), None)
+                              REGION[None, None], CurveMatchingConfig(**cfg), 10, None)
     assert torch.allclose(ours.image, pixel_bb.to_image(expected).clamp(-1, 1), atol=1e-6)
     assert torch.allclose(paper.image, pixel_bb.to_image(
         ddim.generate(pixel_bb, paper.state, 600, 10).last).clamp(-1, 1), atol=1e-6)
@@ -330,7 +335,7 @@ def test_match_outside_stats_keeps_the_region_on_the_background_statistics(pixel
 def test_full_path_passes_through_x_t(pixel_bb):
     x = ddim.invert(pixel_bb, _image(), 500, 10).last
     path = full_path(pixel_bb, x, 500, 10, None)
-    assert sorted(path) == ddim.ddim_grid(1000, 10) and torch.equal(path[500], x)
+    assert sorted(path) == list(Grid.for_model(pixel_bb, 10)) and torch.equal(path[500], x)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -393,7 +398,7 @@ def test_curve_matching_on_a_latent_model_keeps_the_outside_latents(sd_bb):
     """On a latent model the region lives on the latent grid (area-averaged, soft at cell
     edges): cells it does not touch keep the unedited X_t exactly, cells it covers are
     standardised to the outside's statistics, and the result decodes to an image."""
-    t, steps = ddim.ddim_grid(1000, 10)[6], 10
+    t, steps = Grid.for_model(sd_bb, 10).timesteps[6], 10
     cond = sd_bb.condition("a red cube")
     cfg = CurveMatchingConfig(t=t, num_steps=steps, iterations=3, blend_every=2, t_blend=300,
                               loss="minimize", lr=0.2, pixels_per_iteration=2,
@@ -420,7 +425,7 @@ def test_curve_matching_on_a_latent_model_keeps_the_outside_latents(sd_bb):
 @pytest.mark.parametrize("task", ["transfer", "remove", "saliency", "blend"])
 def test_every_task_runs_on_a_latent_model_with_a_prompt(sd_bb, task):
     cond = sd_bb.condition("a red cube")
-    cfg = CurveMatchingConfig(t=ddim.ddim_grid(1000, 10)[6], num_steps=10, iterations=2,
+    cfg = CurveMatchingConfig(t=Grid.for_model(sd_bb, 10).timesteps[6], num_steps=10, iterations=2,
                               refresh_every=1, pixels_per_iteration=2)
     args = {"transfer": ((13, 2),), "remove": (), "saliency": ("increase",), "blend": ()}[task]
     res = getattr(tasks, task)(sd_bb, _image(), REGION, *args, config=cfg, cond=cond)

@@ -23,9 +23,10 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.backbones import linear_gaussian
 from diffgeo.errors import InputError
+from diffgeo.sampling import Grid, GridRule, grid_timesteps
 from diffgeo.schedule import alphas_cumprod_from_config
 
 U32 = 2.0**-24  # float32 unit roundoff
@@ -55,9 +56,13 @@ def _scheduler_config(bb, request) -> dict:
     return {k: cfg[k] for k in keys if k in cfg}
 
 
-def _diffusers_kwargs(bb, request) -> dict:
-    return dict(_scheduler_config(bb, request), set_alpha_to_one=True, clip_sample=False,
-                timestep_spacing="leading", steps_offset=0)
+def _model_schedulers(bb, request):
+    """diffusers' DDIM and inverse DDIM schedulers built from the model's own scheduler config
+    (every field that shapes the grid: spacing, steps_offset, set_alpha_to_one)."""
+    path = request.getfixturevalue("sd_path" if bb.kind == "latent" else "pixel_path")
+    cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    cfg["clip_sample"] = False
+    return DDIMScheduler.from_config(cfg), DDIMInverseScheduler.from_config(cfg)
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -117,7 +122,7 @@ def test_leading_grid_matches_diffusers(offset):
     for n in [1, 2, 3, 7, 10, 20, 25, 33, 48, 50, 64, 99, 100, 250, 333, 500, 999]:
         sched.set_timesteps(n)
         inverse.set_timesteps(n)
-        grid = ddim.ddim_grid(T, n, "leading", offset)
+        grid = grid_timesteps(T, n, GridRule("leading", offset))
         assert grid == sorted(sched.timesteps.tolist()), n
         assert grid == inverse.timesteps.tolist(), n
 
@@ -127,7 +132,7 @@ def test_trailing_grid_matches_diffusers_when_steps_divide_T():
     sched = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
     for n in [1, 2, 4, 5, 8, 10, 20, 25, 40, 50, 100, 125, 200, 250, 500, 1000]:
         sched.set_timesteps(n)
-        assert ddim.ddim_grid(T, n, "trailing") == sorted(sched.timesteps.tolist()), n
+        assert grid_timesteps(T, n, GridRule("trailing")) == sorted(sched.timesteps.tolist()), n
 
 
 def test_trailing_grid_matches_diffusers_for_48_steps():
@@ -136,44 +141,58 @@ def test_trailing_grid_matches_diffusers_for_48_steps():
     theirs = sorted(sched.timesteps.tolist())
     assert len(theirs) == 48 and min(theirs) >= 0  # a well-formed diffusers grid
     # diffusers has 186, 436, 686, 936 where diffgeo has 187, 437, 687, 937.
-    assert ddim.ddim_grid(1000, 48, "trailing") == theirs
+    assert grid_timesteps(1000, 48, GridRule("trailing")) == theirs
 
 
 # ------------------------------------------------------------------------------ vs diffusers
 @pytest.mark.parametrize("name", BACKBONES)
 def test_generate_matches_ddim_scheduler(name, request):
+    """Generation follows the model's scheduler config: on the SD fixture (steps_offset=1,
+    set_alpha_to_one=False) 901...1 ending at alpha_bar_0, on the pixel one 900...0 ending at 1."""
     bb = request.getfixturevalue(name)
-    xt = torch.randn(2, *bb.state_shape, generator=gen(1), dtype=bb.dtype)
-    traj = ddim.generate(bb, xt, t=900, num_steps=10)
-
-    sched = DDIMScheduler(**_diffusers_kwargs(bb, request))
+    sched, _ = _model_schedulers(bb, request)
     sched.set_timesteps(10)
-    assert sched.timesteps.tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    top = int(sched.timesteps[0])  # generate starts at the scheduler's own top timestep
+    xt = torch.randn(2, *bb.state_shape, generator=gen(1), dtype=bb.dtype)
+    traj = sampling.generate(bb, xt, t=top, grid=10)
+    offset = 1 if bb.kind == "latent" else 0
+    assert sched.timesteps.tolist() == [900 + offset - 100 * i for i in range(10)]
+    # diffusers keeps alpha_bar in float32 (see the module docstring)
+    assert float(sched.final_alpha_cumprod) == pytest.approx(traj.grid.clean_alpha_bar, rel=1e-6)
+    assert (traj.grid.clean_alpha_bar < 1) == (bb.kind == "latent")
     x, states = xt.clone(), [xt]
     for t in sched.timesteps:
         x = sched.step(bb.eps(x, int(t)), t, x).prev_sample
         states.append(x)
-    assert traj.timesteps == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0, None]
+    assert traj.timesteps == [*sched.timesteps.tolist(), None]
     assert len(traj.states) == len(states)
     for ours, theirs in zip(traj.states, states, strict=True):
         assert ours.dtype == bb.dtype
         assert rel(ours, theirs) <= _tol(bb)
 
 
+def test_sd_grid_ends_at_alpha_bar_zero_not_one(sd_bb):
+    g = Grid.for_model(sd_bb, 50)
+    assert g.timesteps[0] == 1 and g.top == 981
+    assert g.clean_alpha_bar == pytest.approx(float(sd_bb.alphas_cumprod[0]), rel=1e-15)
+    assert g.clean_alpha_bar < 1
+
+
 @pytest.mark.parametrize("name", BACKBONES)
 def test_invert_matches_ddim_inverse_scheduler(name, request):
     bb = request.getfixturevalue(name)
-    x0 = torch.rand(2, *bb.state_shape, generator=gen(2), dtype=bb.dtype) * 2 - 1
-    traj = ddim.invert(bb, x0, t=900, num_steps=10)
-
-    inverse = DDIMInverseScheduler(**_diffusers_kwargs(bb, request))
+    _, inverse = _model_schedulers(bb, request)
     inverse.set_timesteps(10)
-    assert inverse.timesteps.tolist() == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
+    top = int(inverse.timesteps[-1])
+    x0 = torch.rand(2, *bb.state_shape, generator=gen(2), dtype=bb.dtype) * 2 - 1
+    traj = sampling.invert(bb, x0, t=top, grid=10)
+    offset = 1 if bb.kind == "latent" else 0
+    assert inverse.timesteps.tolist() == [100 * i + offset for i in range(10)]
     x, states = x0.clone(), [x0]
     for t in inverse.timesteps:  # the model is called at the inverse scheduler's timesteps
         x = inverse.step(bb.eps(x, int(t)), int(t), x).prev_sample
         states.append(x)
-    assert traj.timesteps == [None, 0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
+    assert traj.timesteps == [None, *inverse.timesteps.tolist()]
     for ours, theirs in zip(traj.states, states, strict=True):
         assert rel(ours, theirs) <= _tol(bb)
     assert traj.residuals == [] and traj.iterations == []  # plain mode reports none
@@ -183,11 +202,11 @@ def test_invert_matches_ddim_inverse_scheduler(name, request):
 def test_generate_with_eta_matches_ddim_scheduler(name, request):
     bb = request.getfixturevalue(name)
     eta = 0.7
-    xt = torch.randn(2, *bb.state_shape, generator=gen(3), dtype=bb.dtype)
-    traj = ddim.generate(bb, xt, t=900, num_steps=10, eta=eta, generator=gen(4))
-
-    sched = DDIMScheduler(**_diffusers_kwargs(bb, request))
+    sched, _ = _model_schedulers(bb, request)
     sched.set_timesteps(10)
+    top = int(sched.timesteps[0])
+    xt = torch.randn(2, *bb.state_shape, generator=gen(3), dtype=bb.dtype)
+    traj = sampling.generate(bb, xt, t=top, grid=10, eta=eta, generator=gen(4))
     noise_gen = gen(4)  # generate() draws one randn of x's shape and dtype per step, in order
     x = xt.clone()
     for t in sched.timesteps:
@@ -195,14 +214,14 @@ def test_generate_with_eta_matches_ddim_scheduler(name, request):
         x = sched.step(bb.eps(x, int(t)), t, x, eta=eta, variance_noise=z).prev_sample
     assert rel(traj.last, x) <= _tol(bb)
     # The noise matters: without it (eta = 0) the result is far away.
-    assert rel(ddim.generate(bb, xt, t=900, num_steps=10).last, x) > 1e-2
+    assert rel(sampling.generate(bb, xt, t=top, grid=10).last, x) > 1e-2
 
 
 def test_eta_generation_is_reproducible_and_seed_dependent(pixel_bb):
     xt = torch.randn(1, *pixel_bb.state_shape, generator=gen(5))
-    a = ddim.generate(pixel_bb, xt, t=400, num_steps=5, eta=1.0, generator=gen(6)).last
-    b = ddim.generate(pixel_bb, xt, t=400, num_steps=5, eta=1.0, generator=gen(6)).last
-    c = ddim.generate(pixel_bb, xt, t=400, num_steps=5, eta=1.0, generator=gen(7)).last
+    a = sampling.generate(pixel_bb, xt, t=400, grid=5, eta=1.0, generator=gen(6)).last
+    b = sampling.generate(pixel_bb, xt, t=400, grid=5, eta=1.0, generator=gen(6)).last
+    c = sampling.generate(pixel_bb, xt, t=400, grid=5, eta=1.0, generator=gen(7)).last
     assert torch.equal(a, b)
     assert rel(c, a) > 1e-2
 
@@ -254,7 +273,7 @@ def test_linear_gaussian_plain_roundtrip_error_shrinks_with_steps():
     x0 = _samples(mean, cov, 4, seed=9)
     errors = []
     for n in (10, 20, 50, 100):  # t = 900 lies on all four leading grids
-        _, out = ddim.reconstruct(bb, x0, t=900, num_steps=n)
+        _, out = sampling.reconstruct(bb, x0, t=900, grid=n)
         errors.append(rel(out.last, x0))
     # Measured: 0.27, 0.14, 0.058, 0.030 (first order in the step size).
     assert all(b < a for a, b in itertools.pairwise(errors)), errors
@@ -267,14 +286,14 @@ def test_linear_gaussian_exact_mode_returns_the_input():
     mean, cov, ac = _gaussian()
     bb = linear_gaussian(mean, cov, ac)
     x0 = _samples(mean, cov, 4, seed=10)
-    inv, out = ddim.reconstruct(bb, x0, t=900, num_steps=50, exact=True, tol=1e-10,
+    inv, out = sampling.reconstruct(bb, x0, t=900, grid=50, exact=True, tol=1e-10,
                                 max_iter=100)
-    assert len(inv.residuals) == len(inv.iterations) == len(inv.grid()) == 46
+    assert len(inv.residuals) == len(inv.iterations) == len(inv.noisy_timesteps()) == 46
     assert max(inv.iterations) < 100 and max(inv.residuals) <= 1e-10
     # Each regeneration step lands within tol·||x_prev|| of the inverted state; 46 such errors,
     # carried through non-expanding generation steps, stay far below 1e-5 (measured ~1e-9).
     assert rel(out.last, x0) <= 1e-5
-    _, plain = ddim.reconstruct(bb, x0, t=900, num_steps=50)
+    _, plain = sampling.reconstruct(bb, x0, t=900, grid=50)
     assert rel(plain.last, x0) > 1e3 * rel(out.last, x0)
 
 
@@ -283,14 +302,14 @@ def test_exact_inversion_beats_plain_on_pixel_unet(pixel_bb):
     bb = pixel_bb
     x0 = torch.rand(2, *bb.state_shape, generator=gen(11)) * 2 - 1
     tol, max_iter = 1e-5, 50
-    _, plain = ddim.reconstruct(bb, x0, t=500, num_steps=20)
-    inv, exact = ddim.reconstruct(bb, x0, t=500, num_steps=20, exact=True, tol=tol,
+    _, plain = sampling.reconstruct(bb, x0, t=500, grid=20)
+    inv, exact = sampling.reconstruct(bb, x0, t=500, grid=20, exact=True, tol=tol,
                                   max_iter=max_iter)
     err_plain, err_exact = rel(plain.last, x0), rel(exact.last, x0)
     # Measured: plain 0.49, exact 7e-5.
     assert err_exact * 100 <= err_plain, (err_plain, err_exact)
 
-    grid = inv.grid()
+    grid = inv.noisy_timesteps()
     assert grid == list(range(0, 501, 50))
     assert len(inv.residuals) == len(inv.iterations) == len(grid)
     assert all(1 <= k <= max_iter for k in inv.iterations)
@@ -302,7 +321,8 @@ def test_exact_inversion_beats_plain_on_pixel_unet(pixel_bb):
     levels = inv.timesteps
     for i in range(len(grid)):
         x_prev, x = inv.states[i], inv.states[i + 1]
-        back = ddim.ddim_step(bb, x, levels[i + 1], levels[i], bb.eps(x, levels[i + 1]))
+        ab, ab_prev = sampling.alpha_bar(bb, levels[i + 1]), sampling.alpha_bar(bb, levels[i])
+        back = sampling.ddim_step(x, bb.eps(x, levels[i + 1]), ab, ab_prev)
         res = float(((back - x_prev).flatten(1).norm(dim=1) / x_prev.flatten(1).norm(dim=1))
                     .max())
         assert res == pytest.approx(inv.residuals[i], rel=1e-2, abs=1e-7)
@@ -313,14 +333,14 @@ def test_trajectory_bookkeeping():
     mean, cov, ac = _gaussian(d=16)
     bb = linear_gaussian(mean, cov, ac)
     x0 = _samples(mean, cov, 2, seed=12)
-    inv, out = ddim.reconstruct(bb, x0, t=300, num_steps=10)
+    inv, out = sampling.reconstruct(bb, x0, t=300, grid=10)
     assert inv.direction == "inversion" and out.direction == "generation"
     assert inv.timesteps == [None, 0, 100, 200, 300]
     assert out.timesteps == [300, 200, 100, 0, None]
     assert torch.equal(inv.first, x0) and torch.equal(out.first, inv.last)
     assert torch.equal(inv.at(200), inv.states[3])
     assert inv.stacked().shape == (5, 2, 16)
-    assert inv.grid() == [0, 100, 200, 300]
+    assert inv.noisy_timesteps() == [0, 100, 200, 300]
     with pytest.raises(InputError, match="timestep 150 is not on this trajectory"):
         inv.at(150)
 
@@ -330,31 +350,31 @@ def test_t_not_on_the_grid_names_the_nearest_grid_timesteps(pixel_bb):
     x0 = torch.zeros(1, *pixel_bb.state_shape)
     with pytest.raises(InputError, match=r"t=555 is not on the 10-step leading grid .*"
                                          r"nearest grid timesteps: \[500, 600\]"):
-        ddim.invert(pixel_bb, x0, t=555, num_steps=10)
+        sampling.invert(pixel_bb, x0, t=555, grid=10)
     with pytest.raises(InputError, match=r"t=555 is not on the 10-step leading grid"):
-        ddim.generate(pixel_bb, x0, t=555, num_steps=10)
+        sampling.generate(pixel_bb, x0, t=555, grid=10)
 
 
 def test_eta_without_generator_is_refused(pixel_bb):
     xt = torch.zeros(1, *pixel_bb.state_shape)
     with pytest.raises(InputError, match=r"eta > 0 draws noise: pass generator="):
-        ddim.generate(pixel_bb, xt, t=500, num_steps=10, eta=0.5)
-    with pytest.raises(InputError, match=r"eta must be >= 0"):
-        ddim.generate(pixel_bb, xt, t=500, num_steps=10, eta=-0.1)
+        sampling.generate(pixel_bb, xt, t=500, grid=10, eta=0.5)
+    with pytest.raises(InputError, match=r"eta must be a number >= 0, got -0.1"):
+        sampling.generate(pixel_bb, xt, t=500, grid=10, eta=-0.1)
 
 
 def test_ddim_refuses_bad_starts_and_settings(pixel_bb):
     x = torch.zeros(1, *pixel_bb.state_shape)
     with pytest.raises(InputError, match=r"steps must be an integer in 1\.\.1000, got 0"):
-        ddim.invert(pixel_bb, x, t=0, num_steps=0)
+        sampling.invert(pixel_bb, x, t=0, grid=0)
     with pytest.raises(InputError, match=r"t must be an integer timestep, got 500\.0"):
-        ddim.invert(pixel_bb, x, t=500.0, num_steps=10)
+        sampling.invert(pixel_bb, x, t=500.0, grid=10)
     with pytest.raises(InputError, match=r"x0 contains NaN or infinite values"):
-        ddim.invert(pixel_bb, x * float("nan"), t=500, num_steps=10)
+        sampling.invert(pixel_bb, x * float("nan"), t=500, grid=10)
     with pytest.raises(InputError, match=r"xt must have shape \(B, 3, 16, 16\)"):
-        ddim.generate(pixel_bb, torch.zeros(1, 3, 8, 8), t=500, num_steps=10)
-    with pytest.raises(InputError, match=r"spacing must be one of"):
-        ddim.invert(pixel_bb, x, t=500, num_steps=10, spacing="linspace")
+        sampling.generate(pixel_bb, torch.zeros(1, 3, 8, 8), t=500, grid=10)
+    with pytest.raises(InputError, match=r"timestep_spacing must be one of"):
+        Grid.for_model(pixel_bb, 10, spacing="uniform")
 
 
 def test_clip_x0_keeps_predictions_in_range_and_is_off_by_default(pixel_bb):
@@ -362,18 +382,18 @@ def test_clip_x0_keeps_predictions_in_range_and_is_off_by_default(pixel_bb):
     without it, generation is the plain (invertible) map."""
     bb = pixel_bb
     x = torch.randn(2, *bb.state_shape, generator=torch.Generator().manual_seed(5)) * 3
-    plain = ddim.generate(bb, x, 500, 10)
+    plain = sampling.generate(bb, x, 500, 10)
     assert plain.settings["clip_x0"] is False
-    clipped = ddim.generate(bb, x, 500, 10, clip_x0=True)
-    levels = [None, *ddim.grid_up_to(bb, 500, 10)]
+    clipped = sampling.generate(bb, x, 500, 10, clip_x0=True)
+    levels = [None, *Grid.for_model(bb, 10).up_to(500)]
     state = x
     for i in range(len(levels) - 1, 0, -1):
         t, tp = levels[i], levels[i - 1]
         with torch.no_grad():
             eps = bb.eps(state, t)
-        ab = ddim.alpha_bar(bb, t)
+        ab = sampling.alpha_bar(bb, t)
         x0 = ((state - (1 - ab) ** 0.5 * eps) / ab**0.5).clamp(-1, 1)
-        abp = ddim.alpha_bar(bb, tp)
+        abp = sampling.alpha_bar(bb, tp)
         state = abp**0.5 * x0 + (1 - abp) ** 0.5 * (state - ab**0.5 * x0) / (1 - ab) ** 0.5
     assert torch.allclose(clipped.last, state, atol=1e-5)
     assert clipped.last.abs().max() <= 1 + 1e-5  # the last step lands on x̂0 itself
@@ -384,13 +404,13 @@ def test_walk_matches_invert_and_generate(pixel_bb):
     """Walking up from a grid level continues the inversion; walking down is generation."""
     bb = pixel_bb
     x0 = torch.randn(1, *bb.state_shape, generator=torch.Generator().manual_seed(9))
-    inv = ddim.invert(bb, x0, 500, 10)
-    up = ddim.walk(bb, inv.at(200), 200, 500, 10)
+    inv = sampling.invert(bb, x0, 500, 10)
+    up = sampling.walk(bb, inv.at(200), 200, 500, 10)
     assert sorted(up) == [200, 300, 400, 500]
     assert torch.allclose(up[500], inv.at(500), atol=1e-6)
-    down = ddim.walk(bb, inv.at(500), 500, 0, 10)
-    gen = ddim.generate(bb, inv.at(500), 500, 10)
+    down = sampling.walk(bb, inv.at(500), 500, 0, 10)
+    gen = sampling.generate(bb, inv.at(500), 500, 10)
     assert torch.allclose(down[0], gen.at(0), atol=1e-6)
-    assert ddim.walk(bb, x0, 300, 300, 10) == {300: x0}
+    assert sampling.walk(bb, x0, 300, 300, 10) == {300: x0}
     with pytest.raises(InputError, match="not on the"):
-        ddim.walk(bb, x0, 310, 500, 10)
+        sampling.walk(bb, x0, 310, 500, 10)

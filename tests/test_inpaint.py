@@ -48,9 +48,9 @@ def test_mask_errors_are_specific(bad, fragment):
 
 def test_repaint_keeps_outside_exactly_and_is_seeded(pixel_bb):
     x = _image()
-    a = repaint(pixel_bb, x, MASK, num_steps=10, generator=_gen(3))
-    b = repaint(pixel_bb, x, MASK, num_steps=10, generator=_gen(3))
-    c = repaint(pixel_bb, x, MASK, num_steps=10, generator=_gen(4))
+    a = repaint(pixel_bb, x, MASK, grid=10, generator=_gen(3))
+    b = repaint(pixel_bb, x, MASK, grid=10, generator=_gen(3))
+    c = repaint(pixel_bb, x, MASK, grid=10, generator=_gen(4))
     keep = MASK == 0
     assert torch.equal(a[..., keep], x[..., keep])
     assert torch.equal(a, b)
@@ -83,7 +83,7 @@ def test_repaint_fills_a_correlated_gaussian_with_its_conditional_mean(resample)
     h, k = (hole.flatten() == 1), (hole.flatten() == 0)
     cond_mean = cov[h][:, k] @ torch.linalg.solve(cov[k][:, k],
                                                   x.flatten()[k])  # E[x_h | x_k], mean 0
-    outs = torch.stack([repaint(bb, x, hole, num_steps=50, resample=resample, clip_x0=False,
+    outs = torch.stack([repaint(bb, x, hole, grid=50, resample=resample, clip_x0=False,
                                 generator=_gen(s)).flatten()[h] for s in range(8)])
     assert torch.allclose(cond_mean, torch.full_like(cond_mean, cond_mean[0]))
     err = (outs.mean(0) - cond_mean).abs().max()

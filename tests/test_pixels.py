@@ -103,22 +103,19 @@ def test_grow_and_blur_and_placement():
         place_exemplar(ex, canvas, offset=(40, 0))
 
 
-def test_edit_start_is_on_grid():
-    class B:
-        num_train_timesteps = 1000
-
-    t, times = edit_start(B(), 0.8, 50)  # diffusers' img2img: int(50·0.8) = 40 steps from 780
+def test_edit_start_is_on_grid(pixel_bb):
+    t, times = edit_start(pixel_bb, 0.8, 50)  # img2img: int(50·0.8) = 40 steps from 780
     assert t == 780 and times[0] == 780 and times[-1] == 0 and len(times) == 40
     with pytest.raises(InputError, match="strength"):
-        edit_start(B(), 0.0, 50)
+        edit_start(pixel_bb, 0.0, 50)
     with pytest.raises(InputError, match="executes no step"):
-        edit_start(B(), 0.01, 50)
+        edit_start(pixel_bb, 0.01, 50)
 
 
 def test_all_ones_map_is_the_source_regenerated_from_the_same_noise(pixel_bb):
     src, ex = _states(pixel_bb, 2)
     r = pixels_edit(pixel_bb, src, [ex], [torch.ones(16, 16)], generator=_gen(3),
-                    strength=0.6, num_steps=STEPS)
+                    strength=0.6, grid=STEPS)
     g = _gen(3)
     z = torch.randn(src.shape, generator=g)
     # every step pins the noised source, so the output is the last DDIM step from it
@@ -133,7 +130,7 @@ def test_all_ones_map_is_the_source_regenerated_from_the_same_noise(pixel_bb):
 def test_all_zeros_map_is_sdedit_of_the_exemplar(pixel_bb):
     src, ex = _states(pixel_bb, 2)
     r = pixels_edit(pixel_bb, src, [ex], [torch.zeros(16, 16)], generator=_gen(4),
-                    strength=0.5, num_steps=STEPS)
+                    strength=0.5, grid=STEPS)
     g = _gen(4)
     torch.randn(src.shape, generator=g)  # the source's draw comes first
     z = torch.randn(src.shape, generator=g)
@@ -149,7 +146,7 @@ def test_binary_map_first_latent_is_the_surgical_latent(which, pixel_bb, sd_bb):
     src, ex = _states(bb, 2)
     h, w = bb.state_shape[-2:]
     mu = _half_map(h, w)
-    r = pixels_edit(bb, src, [ex], [mu], generator=_gen(5), strength=0.8, num_steps=STEPS,
+    r = pixels_edit(bb, src, [ex], [mu], generator=_gen(5), strength=0.8, grid=STEPS,
                     record_states=True)
     g = _gen(5)
     z1, z2 = torch.randn(src.shape, generator=g), torch.randn(src.shape, generator=g)
@@ -169,7 +166,7 @@ def test_two_exemplars_equal_algorithm_2_by_hand(pixel_bb):
     mu1 = torch.rand(16, 16, generator=_gen(10))
     mu2 = torch.rand(16, 16, generator=_gen(11))
     r = pixels_edit(bb, src, [e1, e2], [mu1, mu2], generator=_gen(6), strength=0.7,
-                    num_steps=STEPS)
+                    grid=STEPS)
     g = _gen(6)
     z1, z2, z3 = (torch.randn(src.shape, generator=g) for _ in range(3))
     times = r.timesteps
@@ -198,7 +195,7 @@ def test_seed_determinism_and_generators_differ(pixel_bb):
 
     def run(seed):
         return pixels_edit(pixel_bb, src, [ex], [mu], generator=_gen(seed), strength=0.5,
-                           num_steps=STEPS, threshold="sigmoid").state
+                           grid=STEPS, threshold="sigmoid").state
 
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b)
@@ -209,19 +206,19 @@ def test_inverse_polarity_and_iterative(pixel_bb):
     src, e1, e2 = _states(pixel_bb, 3)
     mu = _half_map(16, 16)
     a = pixels_edit(pixel_bb, src, [e1], [mu], generator=_gen(1), strength=0.5,
-                    num_steps=STEPS)
+                    grid=STEPS)
     b = pixels_edit(pixel_bb, src, [e1], [1 - mu], generator=_gen(1), strength=0.5,
-                    num_steps=STEPS, invert_maps=True)
+                    grid=STEPS, invert_maps=True)
     assert torch.equal(a.state, b.state)
     res = pixels_iterative(pixel_bb, src, [e1, e2], [mu, _half_map(16, 16, False)],
-                           generator=_gen(2), strength=0.5, num_steps=STEPS)
+                           generator=_gen(2), strength=0.5, grid=STEPS)
     assert len(res) == 2 and res[0].state.shape == src.shape
 
 
 def test_guidance_on_sd(sd_bb):
     src, ex = _states(sd_bb, 2)
     mu = _half_map(*sd_bb.state_shape[-2:])
-    kw = dict(generator=_gen(1), strength=0.5, num_steps=5)
+    kw = dict(generator=_gen(1), strength=0.5, grid=5)
     r = pixels_edit(sd_bb, src, [ex], [mu], cond=sd_bb.condition("a cat"),
                     uncond=sd_bb.condition(""), guidance_scale=3.0, **kw)
     assert bool(torch.isfinite(r.state).all())
@@ -243,7 +240,7 @@ def test_input_errors(pixel_bb):
     with pytest.raises(InputError, match="exemplars\\[0\\]"):
         pixels_edit(pixel_bb, src, [torch.zeros(1, 3, 8, 8)], [mu], generator=_gen())
     with pytest.raises(InputError, match="steps"):
-        pixels_edit(pixel_bb, src, [ex], [mu], generator=_gen(), num_steps=0)
+        pixels_edit(pixel_bb, src, [ex], [mu], generator=_gen(), grid=0)
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -321,18 +318,22 @@ def test_exemplar_edit_on_a_latent_model_with_guidance(sd_bb, tmp_path):
     assert (tmp_path / "o" / "masks.png").exists()
 
 
+@pytest.mark.parametrize("model", ["pixel", "sd"])
 @pytest.mark.parametrize("steps, strength", [(50, 0.8), (50, 0.33), (10, 0.6), (25, 1.0)])
-def test_executed_steps_equal_diffusers_img2img(steps, strength):
-    """The same strength runs the same timesteps as StableDiffusionImg2ImgPipeline."""
+def test_executed_steps_equal_diffusers_img2img(steps, strength, model, request):
+    """The same strength runs the same timesteps as StableDiffusionImg2ImgPipeline with the
+    model's own scheduler config (the SD fixture has steps_offset=1: 981, 961, ...)."""
+    import json
+
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
-    class B:
-        num_train_timesteps = 1000
-
-    sched = DDIMScheduler(num_train_timesteps=1000, steps_offset=0, timestep_spacing="leading")
+    bb = request.getfixturevalue(f"{model}_bb")
+    path = request.getfixturevalue(f"{model}_path")
+    cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    sched = DDIMScheduler.from_config(cfg)
     sched.set_timesteps(steps)
     pipe = StableDiffusionImg2ImgPipeline.__new__(StableDiffusionImg2ImgPipeline)
     pipe.scheduler = sched
     theirs, n = pipe.get_timesteps(steps, strength, "cpu")
-    t, ours = edit_start(B(), strength, steps)
+    t, ours = edit_start(bb, strength, steps)
     assert ours == [int(v) for v in theirs] and len(ours) == n and t == ours[0]

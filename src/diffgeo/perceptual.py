@@ -342,7 +342,7 @@ def perceptual_curve(backbone: Backbone, trajectory: Trajectory, image: torch.Te
     if mode not in MASK_MODES:
         raise InputError(f"mode must be one of {MASK_MODES}, got {mode!r}")
     m = check_mask(mask, (H, W))
-    grid = sorted(trajectory.grid())
+    grid = sorted(trajectory.noisy_timesteps())
     if len(grid) < 2:
         raise InputError(f"the trajectory needs at least 2 grid timesteps, got {grid}")
     batch = trajectory.at(grid[0]).shape[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,40 @@ def read_scheduler_config(path: str | Path) -> dict[str, Any]:
         raise InputError(f"scheduler config not found: {path}") from e
     except json.JSONDecodeError as e:
         raise InputError(f"scheduler config is not valid JSON: {path} ({e})") from e
+
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+@dataclass(frozen=True)
+class GridRule:
+    """How a model's scheduler lays out a sampling grid: the fields of a diffusers DDIM
+    scheduler config that shape it.
+
+    ``spacing`` and ``steps_offset`` place the timesteps (``timestep_spacing``,
+    ``steps_offset``); ``set_alpha_to_one`` says whether the clean end of the grid has
+    alpha_bar = 1 or the first training alpha_bar (Stable Diffusion configs set it False, so
+    their pipelines end at ᾱ_0, not at 1).
+    """
+
+    spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+
+    def __post_init__(self) -> None:
+        if self.spacing not in SPACINGS:
+            raise InputError(f"timestep_spacing must be one of {SPACINGS}, got {self.spacing!r}")
+        if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) \
+                or self.steps_offset < 0:
+            raise InputError(f"steps_offset must be an integer >= 0, got {self.steps_offset!r}")
+        if not isinstance(self.set_alpha_to_one, bool):
+            raise InputError(f"set_alpha_to_one must be true or false, "
+                             f"got {self.set_alpha_to_one!r}")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> GridRule:
+        """The rule of a scheduler config; absent fields take DDIMScheduler's defaults (a
+        DDPMScheduler config, which has no ``set_alpha_to_one``, samples as DDIM would)."""
+        return cls(spacing=config.get("timestep_spacing", "leading"),
+                   steps_offset=int(config.get("steps_offset", 0) or 0),
+                   set_alpha_to_one=bool(config.get("set_alpha_to_one", True)))

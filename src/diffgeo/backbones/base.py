@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from diffgeo.errors import InputError
+from diffgeo.schedule import GridRule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -106,6 +107,9 @@ class Backbone(ABC):
     name: str = ""
     prediction_type: str = "epsilon"
     conditional: bool = False
+    #: How the model's scheduler lays out a sampling grid (spacing, offset, clean-end
+    #: alpha_bar); the loader reads it from the scheduler config, sampling.Grid uses it.
+    grid_rule: GridRule = GridRule()
 
     def __init__(self, alphas_cumprod: torch.Tensor, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):

@@ -19,7 +19,7 @@ from diffgeo.backbones.base import Backbone
 from diffgeo.errors import InputError, ModelNotFoundError
 from diffgeo.hub import looks_like_path, snapshot
 from diffgeo.runtime import check_device, resolve_dtype
-from diffgeo.schedule import alphas_cumprod_from_config, read_scheduler_config
+from diffgeo.schedule import GridRule, alphas_cumprod_from_config, read_scheduler_config
 
 DEFAULT_MODEL = "default"
 
@@ -81,18 +81,32 @@ def _resolve(name_or_path: str | os.PathLike, allow_pickle: bool, variant: str |
     return _hub_download(name, allow_pickle, variant)
 
 
-def _prediction_and_alphas(sched_file: Path) -> tuple[str, torch.Tensor]:
+def _schedule(sched_file: Path) -> tuple[str, torch.Tensor, GridRule]:
+    """prediction type, float64 alpha_bar and grid rule of a scheduler config."""
     cfg = read_scheduler_config(sched_file)
     pred = cfg.get("prediction_type", "epsilon")
     if pred not in ("epsilon", "v_prediction", "sample"):
         raise InputError(f"{sched_file}: prediction_type {pred!r} is not supported")
-    return pred, alphas_cumprod_from_config(cfg)
+    try:
+        rule = GridRule.from_config(cfg)
+    except InputError as e:
+        raise InputError(f"{sched_file}: {e}") from None
+    return pred, alphas_cumprod_from_config(cfg), rule
 
 
 def load_backbone(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "cpu",
                   dtype: torch.dtype | str = torch.float32, *, allow_pickle: bool = False,
                   variant: str | None = None, resolution: int | None = None) -> Backbone:
     """Load a pixel DDPM, a Stable Diffusion (1.x/2.x/XL) checkpoint or the default model."""
+    bb, rule = _load_with_schedule(name_or_path, device, dtype, allow_pickle, variant,
+                                   resolution)
+    bb.grid_rule = rule
+    return bb
+
+
+def _load_with_schedule(name_or_path: str | os.PathLike, device: str, dtype: torch.dtype | str,
+                        allow_pickle: bool, variant: str | None,
+                        resolution: int | None) -> tuple[Backbone, GridRule]:
     dtype = resolve_dtype(dtype)
     check_device(device)
     path = _resolve(name_or_path, allow_pickle, variant)
@@ -104,10 +118,10 @@ def load_backbone(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str =
     if index_file.is_file():
         index = json.loads(index_file.read_text())
         sched_file = path / "scheduler" / "scheduler_config.json"
-        pred, ac = _prediction_and_alphas(sched_file)
+        pred, ac, rule = _schedule(sched_file)
         if "vae" in index:
             return _load_latent(path, index, pred, ac, name, device, dtype, kw, allow_pickle,
-                                resolution)
+                                resolution), rule
         if "unet" not in index:
             raise InputError(f"{index_file} names no unet: not a diffusion pipeline folder")
         from diffusers import UNet2DModel
@@ -116,7 +130,7 @@ def load_backbone(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str =
         unet = UNet2DModel.from_pretrained(path, subfolder="unet", **kw)
         from diffgeo.backbones.pixel import PixelBackbone
 
-        return PixelBackbone(unet, ac, pred, name=name, device=device, dtype=dtype)
+        return PixelBackbone(unet, ac, pred, name=name, device=device, dtype=dtype), rule
 
     cfg_file = path / "config.json"
     if cfg_file.is_file():
@@ -133,9 +147,9 @@ def load_backbone(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str =
 
         from diffgeo.backbones.pixel import PixelBackbone
 
-        pred, ac = _prediction_and_alphas(sched_file)
+        pred, ac, rule = _schedule(sched_file)
         unet = UNet2DModel.from_pretrained(path, **kw)
-        return PixelBackbone(unet, ac, pred, name=name, device=device, dtype=dtype)
+        return PixelBackbone(unet, ac, pred, name=name, device=device, dtype=dtype), rule
     raise ModelNotFoundError(f"{path} is not a model folder: it has neither model_index.json "
                              "nor config.json")
 

@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffgeo import ddim
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.curves import pixel_direction, rates_at
 from diffgeo.errors import InputError
 from diffgeo.jacobian import _expand_cond, jvp
+from diffgeo.sampling import Grid, Step, generate, invert, sample, walk
 
 LOSSES = ("match", "minimize", "saliency")
 MODES = ("fast", "faithful")
@@ -207,26 +207,27 @@ def curve_of(backbone: Backbone, path: dict[int, torch.Tensor], pixel: Sequence[
                         for t in sorted(path)]).float().cpu()
 
 
-def full_path(backbone: Backbone, x_t: torch.Tensor, t: int, num_steps: int,
+def full_path(backbone: Backbone, x_t: torch.Tensor, t: int, grid: Grid | int,
               cond: Conditioning | None) -> dict[int, torch.Tensor]:
-    """𝒳(X_t): every grid state, from t = 0 to the top of the grid, through X_t."""
-    grid = ddim.ddim_grid(backbone.num_train_timesteps, num_steps)
-    path = ddim.walk(backbone, x_t, t, grid[0], num_steps, cond)
-    path.update(ddim.walk(backbone, x_t, t, grid[-1], num_steps, cond))
+    """𝒳(X_t): every grid state, from the bottom to the top of the grid, through X_t."""
+    grid = Grid.resolve(backbone, grid)
+    path = walk(backbone, x_t, t, grid.bottom, grid, cond)
+    path.update(walk(backbone, x_t, t, grid.top, grid, cond))
     return path
 
 
 def _walk_to(backbone: Backbone, x: torch.Tensor, t: int, targets: Sequence[int],
-             num_steps: int, cond: Conditioning | None) -> dict[int, torch.Tensor]:
+             grid: Grid | int, cond: Conditioning | None) -> dict[int, torch.Tensor]:
     """The DDIM path from X_t to every target level: one walk down to the lowest target below
     t and one up to the highest above it, so a batch of targets costs no more than the
     farthest one on each side."""
+    grid = Grid.resolve(backbone, grid)
     out = {t: x}
     lowest, highest = min(targets), max(targets)
     if lowest < t:
-        out.update(ddim.walk(backbone, x, t, lowest, num_steps, cond))
+        out.update(walk(backbone, x, t, lowest, grid, cond))
     if highest > t:
-        out.update(ddim.walk(backbone, x, t, highest, num_steps, cond))
+        out.update(walk(backbone, x, t, highest, grid, cond))
     return out
 
 
@@ -274,7 +275,7 @@ def paste_outside(edited: torch.Tensor, original: torch.Tensor,
 
 
 def blended_decode(backbone: Backbone, x: torch.Tensor, orig_path: dict[int, torch.Tensor],
-                   mask: torch.Tensor, cfg: CurveMatchingConfig,
+                   mask: torch.Tensor, cfg: CurveMatchingConfig, grid: Grid | int,
                    cond: Conditioning | None) -> torch.Tensor:
     """DDIM generation from the edited X_t that pastes the original path outside the region at
     every level above t_blend, then generates freely below it.
@@ -286,12 +287,13 @@ def blended_decode(backbone: Backbone, x: torch.Tensor, orig_path: dict[int, tor
     scenes (benchmarks/curve_matching_gates.py) it cut the outside MSE of removal and saliency
     edits 2-2.5x and raised the share of saliency increases that work from 62% to 75%.
     """
-    level, state = cfg.t, x
-    for lo in (lv for lv in sorted(orig_path, reverse=True) if cfg.t_blend < lv < cfg.t):
-        state = ddim.walk(backbone, state, level, lo, cfg.num_steps, cond)[lo]
-        state = paste_outside(state, orig_path[lo], mask)
-        level = lo
-    return ddim.generate(backbone, state, level, cfg.num_steps, cond).last
+    def paste(step: Step) -> torch.Tensor:
+        if step.t_to is not None and cfg.t_blend < step.t_to < cfg.t:
+            return paste_outside(step.x_to, orig_path[step.t_to], mask)
+        return step.x_to
+
+    g = Grid.resolve(backbone, grid).up_to(cfg.t)
+    return sample(backbone, x, g, cond=cond, on_step=paste, record=False).last
 
 
 def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
@@ -312,12 +314,13 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         if not (0 <= reference_pixel[0] < H and 0 <= reference_pixel[1] < W):
             raise InputError(f"reference pixel {tuple(reference_pixel)} is outside the "
                              f"{H}x{W} image")
-    ddim.grid_up_to(backbone, cfg.t, cfg.num_steps)  # t must be on the grid
+    grid = Grid.for_model(backbone, cfg.num_steps)
+    grid.check(cfg.t)  # t must be on the grid
     gen = torch.Generator().manual_seed(cfg.seed)
     dev, dt = backbone.device, backbone.dtype
     with torch.no_grad():
         x0 = backbone.to_state(image.to(dev, dt))
-        x_orig = ddim.invert(backbone, x0, cfg.t, cfg.num_steps, cond).last
+        x_orig = invert(backbone, x0, cfg.t, grid, cond).last
     mask = state_region(backbone, region)
     if cfg.match_outside_stats:
         _inside_with_outside(mask)  # refuse before any optimisation
@@ -325,7 +328,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         (p == np.asarray(reference_pixel)).all() for p in pixels)
     a_pixel = tuple(int(v) for v in pixels[int(torch.randint(len(pixels), (1,), generator=gen))])
 
-    orig_path = full_path(backbone, x_orig, cfg.t, cfg.num_steps, cond)
+    orig_path = full_path(backbone, x_orig, cfg.t, grid, cond)
     timesteps = sorted(orig_path)
     region_before = curve_of(backbone, orig_path, a_pixel, cond)
     c_ref = (curve_of(backbone, orig_path, reference_pixel, cond)
@@ -351,7 +354,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         rewalk = not periodic and it > 0 and tolerance > 0 and drift > tolerance
         if periodic or rewalk:
             with torch.no_grad():
-                path = full_path(backbone, x.detach(), cfg.t, cfg.num_steps, cond)
+                path = full_path(backbone, x.detach(), cfg.t, grid, cond)
             x_refreshed = x.detach().clone()
         if periodic:
             refreshes += 1
@@ -366,7 +369,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
             tks.append(_sample_t(c_a, timesteps, gen))
         with torch.no_grad():
             if cfg.mode == "faithful":
-                walked = _walk_to(backbone, x.detach(), cfg.t, tks, cfg.num_steps, cond)
+                walked = _walk_to(backbone, x.detach(), cfg.t, tks, grid, cond)
                 delta = torch.cat([walked[tk] - x.detach() for tk in tks])
             else:
                 delta = torch.cat([path[tk] - path[cfg.t] for tk in tks])
@@ -410,7 +413,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                                                              per_pair.detach(), strict=True)]})
         if cfg.snapshot_every and (it + 1) % cfg.snapshot_every == 0:
             with torch.no_grad():
-                snap = ddim.generate(backbone, x.detach(), cfg.t, cfg.num_steps, cond).last
+                snap = generate(backbone, x.detach(), cfg.t, grid, cond).last
                 snapshots.append((it + 1, backbone.to_image(snap).clamp(-1, 1).cpu()))
     final_blend = bool(cfg.localized and cfg.t > cfg.t_blend and history
                        and not history[-1]["blended"])
@@ -420,15 +423,14 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         with torch.no_grad():
             x.copy_(paste_outside(x, x_orig, mask))
     with torch.no_grad():
-        final_path = full_path(backbone, x.detach(), cfg.t, cfg.num_steps, cond)
+        final_path = full_path(backbone, x.detach(), cfg.t, grid, cond)
         if cfg.localized and cfg.decode_blend:
-            x_clean = blended_decode(backbone, x.detach(), orig_path, mask, cfg, cond)
+            x_clean = blended_decode(backbone, x.detach(), orig_path, mask, cfg, grid, cond)
         else:
             # final_path already holds the generation down to the lowest grid level (the same
             # DDIM steps generate takes); only the last step to the clean image is left.
             lowest = timesteps[0]
-            x_clean = ddim.generate(backbone, final_path[lowest], lowest, cfg.num_steps,
-                                    cond).last
+            x_clean = generate(backbone, final_path[lowest], lowest, grid, cond).last
         out = backbone.to_image(x_clean).clamp(-1, 1)
     region_after = curve_of(backbone, final_path, a_pixel, cond)
     settings = dict(cfg.__dict__, final_blend=final_blend, pixels_per_iteration=cfg.batch,
@@ -436,6 +438,6 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                     drift_refreshes=sum(h["rewalked"] for h in history),
                     decode_blend=bool(cfg.localized and cfg.decode_blend),
                     reference_pixel=list(reference_pixel) if reference_pixel else None,
-                    curve_pixel=list(a_pixel), region_pixels=len(pixels))
+                    curve_pixel=list(a_pixel), region_pixels=len(pixels), grid=grid.to_dict())
     return CurveMatchingResult(out.cpu(), x.detach(), history, timesteps, region_before,
                                region_after, c_ref, snapshots, settings)

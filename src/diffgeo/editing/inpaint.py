@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from diffgeo import ddim
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
+from diffgeo.sampling import Grid, Guidance, Step, noised, renoised, sample
 
 
 def _image_mask(image: torch.Tensor, mask: Any, name: str) -> torch.Tensor:
@@ -44,13 +43,14 @@ def mean_fill(image: torch.Tensor, mask: Any) -> torch.Tensor:
     return image * keep + mean * m
 
 
-def repaint(backbone: Backbone, image: torch.Tensor, mask: Any, *, num_steps: int = 50,
-            resample: int = 1, clip_x0: bool | None = None,
+def repaint(backbone: Backbone, image: torch.Tensor, mask: Any, *,
+            grid: Grid | int | None = None, resample: int = 1, clip_x0: bool | None = None,
             generator: torch.Generator | None = None, cond: Conditioning | None = None,
-            progress: bool = False) -> torch.Tensor:
+            guidance: Guidance | None = None, progress: bool = False) -> torch.Tensor:
     """Regenerate the masked region of ``image`` ((1, C, H, W) in [-1, 1]) from noise.
 
-    Starts from N(0, I) at the top of the ``num_steps`` DDIM grid. At each step the unknown part
+    Starts from N(0, I) at the top of ``grid`` (a Grid or a number of steps on the model's
+    grid). At each step the unknown part
     takes a DDIM step (η = 0) of the current state and the known part is the input noised to the
     next level with fresh noise; ``resample`` > 1 re-noises the merged state back one level and
     repeats the step (RePaint's resampling, jump length 1). Every draw comes from ``generator``.
@@ -72,32 +72,25 @@ def repaint(backbone: Backbone, image: torch.Tensor, mask: Any, *, num_steps: in
     with torch.no_grad():
         x0 = backbone.to_state(image.to(dev, dt))
     m = state_region(backbone, m_img[0, 0].cpu().numpy())
-    grid = ddim.ddim_grid(backbone.num_train_timesteps, num_steps)
-    levels: list[int | None] = [None, *grid]
+    g = Grid.resolve(backbone, grid)
 
     def noise() -> torch.Tensor:
         return torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
                            device=generator.device).to(dev)
 
-    x = noise()
+    def merge(step: Step) -> torch.Tensor:
+        ab_from, ab_to = g.alpha_bar(step.t_from), g.alpha_bar(step.t_to)
+        known = x0 if step.t_to is None else noised(x0, noise(), ab_to)
+        merged = m * step.x_to + (1 - m) * known
+        for _ in range(resample - 1):
+            # q(x_from | x_to): back up one level with fresh noise and step again
+            unknown = step.redo(renoised(merged, noise(), ab_from, ab_to))
+            known = x0 if step.t_to is None else noised(x0, noise(), ab_to)
+            merged = m * unknown + (1 - m) * known
+        return merged
+
     with torch.no_grad():
-        for i in tqdm(range(len(grid), 0, -1), desc="repaint", disable=not progress,
-                      leave=False):
-            t_from, t_to = levels[i], levels[i - 1]
-            ab_from, ab_to = ddim.alpha_bar(backbone, t_from), ddim.alpha_bar(backbone, t_to)
-            for u in range(resample):
-                eps = backbone.eps(x, t_from, cond)
-                if clip_x0:
-                    x0_pred = ((x - (1 - ab_from) ** 0.5 * eps) / ab_from**0.5).clamp(-1, 1)
-                    eps = (x - ab_from**0.5 * x0_pred) / (1 - ab_from) ** 0.5
-                unknown = ddim.ddim_step(backbone, x, t_from, t_to, eps)
-                known = x0 if t_to is None else ab_to**0.5 * x0 + (1 - ab_to) ** 0.5 * noise()
-                merged = m * unknown + (1 - m) * known
-                if u + 1 < resample:
-                    # q(x_from | x_to): back up one level with fresh noise and step again
-                    ratio = ab_from / ab_to
-                    x = ratio**0.5 * merged + (1 - ratio) ** 0.5 * noise()
-                else:
-                    x = merged
+        x = sample(backbone, noise(), g, cond=cond, guidance=guidance, clip_x0=clip_x0,
+                   on_step=merge, record=False, progress=progress, desc="repaint").last
         out = backbone.to_image(x).clamp(-1, 1).to(image.device, image.dtype)
     return image * (1 - m_img) + out * m_img

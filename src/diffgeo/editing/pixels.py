@@ -6,7 +6,8 @@ The method, as implemented here (every choice below is a documented convention):
   that order from the caller's explicit ``generator``: one draw z_k of the state's shape per image
   (source, exemplar 1, exemplar 2, ...), reused at every executed timestep through the forward
   process x_t = sqrt(ab_t)·x0 + sqrt(1 - ab_t)·z_k. No other RNG is consumed.
-* **Steps.** The full DDIM grid has ``num_steps`` points (diffusers' ``leading`` spacing). As in
+* **Steps.** The grid is the model's own (``sampling.Grid``: its scheduler's spacing, offset
+  and clean-end alpha_bar) with ``num_steps`` points. As in
   diffusers' img2img pipelines, ``strength`` (the paper's t_ds^max) executes
   N = int(num_steps·strength) steps: the edit starts at ``t_start`` = the N-th grid timestep
   from the bottom and runs the N executed grid steps t_start > ... > t_0 down to clean,
@@ -49,9 +50,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from diffgeo import ddim
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
+from diffgeo.sampling import Grid, Guidance, noised, sample
 
 THRESHOLDS: tuple[str, ...] = ("linear", "quadratic", "cubic", "log1p", "sigmoid")
 """Names of the built-in threshold functions (CLI: ``--threshold``)."""
@@ -247,18 +248,25 @@ def place_exemplar(exemplar: torch.Tensor, canvas: torch.Tensor, *,
 
 
 # ------------------------------------------------------------------------------ the loop
-def edit_start(backbone: Backbone, strength: float, num_steps: int) -> tuple[int, list[int]]:
-    """(t_start, executed timesteps descending) with diffusers' img2img rule: the last
-    int(num_steps·strength) grid steps, so the same strength does the same work in both."""
+def edit_start(backbone: Backbone, strength: float,
+               grid: Grid | int | None = None) -> tuple[int, list[int]]:
+    """(t_start, executed timesteps descending) with diffusers' img2img rule: the lowest
+    int(num_steps·strength) points of the model's grid, so the same strength does the same
+    work (and the same timesteps) in both."""
+    g = _executed(backbone, strength, grid)
+    return g.top, list(reversed(g.timesteps))
+
+
+def _executed(backbone: Backbone, strength: float, grid: Grid | int | None) -> Grid:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
             or not 0 < strength <= 1:
         raise InputError(f"strength must be a number in (0, 1], got {strength!r}")
-    grid = ddim.ddim_grid(backbone.num_train_timesteps, num_steps)
-    n = min(int(num_steps * strength), num_steps)
+    g = Grid.resolve(backbone, grid)
+    n = min(int(g.num_steps * strength), len(g))
     if n < 1:
-        raise InputError(f"strength {strength} executes no step of a {num_steps}-step grid "
+        raise InputError(f"strength {strength} executes no step of a {g.num_steps}-step grid "
                          f"(int(steps·strength) = 0): raise strength or steps")
-    return grid[n - 1], list(reversed(grid[:n]))
+    return g.lowest(n)
 
 
 @dataclass
@@ -282,20 +290,6 @@ class PixelsResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _noised(backbone: Backbone, x0: torch.Tensor, z: torch.Tensor, t: int) -> torch.Tensor:
-    ab = ddim.alpha_bar(backbone, t)
-    return ab**0.5 * x0 + (1 - ab) ** 0.5 * z
-
-
-def _guided_eps(backbone: Backbone, x: torch.Tensor, t: int, cond: Conditioning | None,
-                uncond: Conditioning | None, guidance_scale: float) -> torch.Tensor:
-    if guidance_scale == 1 or uncond is None:
-        return backbone.eps(x, t, cond)
-    e_u = backbone.eps(x, t, uncond)
-    e_c = backbone.eps(x, t, cond)
-    return e_u + guidance_scale * (e_c - e_u)
-
-
 def _check_states(backbone: Backbone, source: torch.Tensor, exemplars: Sequence[torch.Tensor]):
     backbone.check_state(source, "source")
     if source.shape[0] != 1:
@@ -316,7 +310,7 @@ def _check_states(backbone: Backbone, source: torch.Tensor, exemplars: Sequence[
 @torch.no_grad()
 def pixels_edit(backbone: Backbone, source: torch.Tensor, exemplars: Sequence[torch.Tensor],
                 maps: Sequence[Any], *, generator: torch.Generator, strength: float = 0.8,
-                num_steps: int = 50, threshold: str | ThresholdFn = "linear",
+                grid: Grid | int | None = None, threshold: str | ThresholdFn = "linear",
                 cond: Conditioning | None = None, guidance_scale: float = 1.0,
                 uncond: Conditioning | None = None, invert_maps: bool = False,
                 record_states: bool = False) -> PixelsResult:
@@ -345,7 +339,8 @@ def pixels_edit(backbone: Backbone, source: torch.Tensor, exemplars: Sequence[to
     if guidance_scale > 1 and (cond is None or uncond is None):
         raise InputError("guidance_scale > 1 needs a conditional model, a prompt (cond) and the "
                          "empty-prompt conditioning (uncond)")
-    t_start, times = edit_start(backbone, strength, num_steps)
+    g = _executed(backbone, strength, grid)
+    times = list(reversed(g.timesteps))
     n = len(times)
     thr = threshold_schedule(threshold, n)
     hw = tuple(backbone.state_shape[-2:])
@@ -360,31 +355,38 @@ def pixels_edit(backbone: Backbone, source: torch.Tensor, exemplars: Sequence[to
     z_src = draw()
     z_ex = [draw() for _ in exemplars]
 
-    masks, states = [], []
-    x = surgical = source
-    for i, t in enumerate(times):
+    masks: list[torch.Tensor] = []
+    states: list[torch.Tensor] = []
+    surgical = [source]
+
+    def pin(i: int, t: int, x: torch.Tensor) -> torch.Tensor:
+        ab = g.alpha_bar(t)
         m = (mus > float(thr[i])).to(dt)  # (K, 1, h, w)
-        src_t = _noised(backbone, source, z_src, t)
+        src_t = noised(source, z_src, ab)
         if i == 0:
             x = src_t
             for k, (e, z) in enumerate(zip(exemplars, z_ex, strict=True)):
-                x = x * m[k: k + 1] + _noised(backbone, e, z, t) * (1 - m[k: k + 1])
-            surgical = x
+                x = x * m[k: k + 1] + noised(e, z, ab) * (1 - m[k: k + 1])
+            surgical[0] = x
         else:
-            pin = m.prod(dim=0, keepdim=True)
-            x = src_t * pin + x * (1 - pin)
+            keep = m.prod(dim=0, keepdim=True)
+            x = src_t * keep + x * (1 - keep)
         masks.append(m.prod(dim=0, keepdim=True)[0])
         if record_states:
             states.append(x)
-        eps = _guided_eps(backbone, x, t, cond, uncond, guidance_scale)
-        x = ddim.ddim_step(backbone, x, t, times[i + 1] if i + 1 < n else None, eps)
-    settings = dict(strength=strength, num_steps=num_steps, t_start=t_start, executed_steps=n,
+        return x
+
+    guidance = Guidance(guidance_scale, uncond) if guidance_scale > 1 else None
+    x = sample(backbone, source, g, cond=cond, guidance=guidance, before_step=pin,
+               record=False, desc="exemplar edit").last
+    settings = dict(strength=strength, num_steps=g.num_steps, grid=g.to_dict(),
+                    t_start=g.top, executed_steps=n,
                     threshold=threshold if isinstance(threshold, str) else "callable",
                     guidance_scale=guidance_scale, invert_maps=invert_maps,
                     exemplars=len(exemplars), map_resize="bilinear, align_corners=False, "
                     "no antialias", polarity="1 = keep source, 0 = take exemplar",
                     overlap="last exemplar wins; source kept where every map keeps it")
-    return PixelsResult(state=x, surgical=surgical, masks=torch.stack(masks), maps=mus,
+    return PixelsResult(state=x, surgical=surgical[0], masks=torch.stack(masks), maps=mus,
                         timesteps=times, thresholds=thr, states=states, settings=settings)
 
 

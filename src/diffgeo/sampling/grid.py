@@ -1,0 +1,198 @@
+"""The timesteps of a run, built once from the model's scheduler config.
+
+A :class:`Grid` is what diffusers' ``DDIMScheduler.set_timesteps`` computes — the same spacing
+(``leading``, ``trailing``, ``linspace``), ``steps_offset`` and clean-end alpha_bar
+(``set_alpha_to_one``) — held as an ascending tuple of integer training timesteps. Generation
+walks it downwards and ends at the clean level (``None``, alpha_bar = :attr:`Grid.clean_alpha_bar`);
+inversion walks the same grid upwards from there, so the two are the same path reversed.
+
+Every step goes from one grid point to the next. diffusers' DDIM steps to ``t - T // N`` instead,
+which is the next grid point for ``leading`` grids and for ``trailing`` grids whose N divides T
+(every Stable Diffusion and pixel-DDPM configuration); for ``linspace`` and other ``trailing``
+grids diffusers' step and its own grid disagree, and diffgeo follows the grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffgeo.backbones.base import Backbone
+from diffgeo.errors import InputError
+from diffgeo.schedule import SPACINGS, GridRule
+
+DEFAULT_STEPS = 50
+
+
+def grid_timesteps(num_train_timesteps: int, num_steps: int, rule: GridRule) -> list[int]:
+    """The ascending timesteps diffusers' DDIM schedulers use for ``num_steps`` steps."""
+    T = num_train_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer) \
+            or not 1 <= num_steps <= T:
+        raise InputError(f"steps must be an integer in 1..{T}, got {num_steps!r}")
+    n = int(num_steps)
+    if rule.spacing == "leading":
+        ratio = T // n
+        grid = [i * ratio + rule.steps_offset for i in range(n)]
+    elif rule.spacing == "trailing":
+        # diffusers' own expression: rounding halves the same way keeps the grids identical.
+        grid = sorted(int(v) - 1 for v in np.round(np.arange(T, 0, -T / n)[:n]))
+    else:
+        grid = sorted(int(v) for v in np.linspace(0, T - 1, n).round())
+    if grid[0] < 0 or grid[-1] >= T:
+        raise InputError(f"steps_offset {rule.steps_offset} moves the {n}-step grid outside "
+                         f"0..{T - 1}")
+    if len(set(grid)) != n:
+        raise InputError(f"{n} steps do not fit {T} training timesteps with {rule.spacing} "
+                         "spacing (repeated timesteps)")
+    return grid
+
+
+def clean_alpha_bar(rule: GridRule, alphas_cumprod: torch.Tensor) -> float:
+    """alpha_bar of the clean end of a grid: 1, or alpha_bar at t = 0 (``set_alpha_to_one``
+    False, as Stable Diffusion configs say)."""
+    return 1.0 if rule.set_alpha_to_one else float(alphas_cumprod[0])
+
+
+def alpha_bar(backbone: Backbone, t: int | None) -> float:
+    """alpha_bar at training timestep t under the model's own grid rule; None = clean end."""
+    if t is None:
+        return clean_alpha_bar(backbone.grid_rule, backbone.alphas_cumprod)
+    return float(backbone.alphas_cumprod[t])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The integer timesteps of one run (ascending), and alpha_bar at each of them.
+
+    ``num_steps`` is the size of the full grid the run was cut from (a grid truncated with
+    :meth:`up_to` or :meth:`lowest` keeps it, as diffusers' img2img keeps its scheduler's).
+    """
+
+    timesteps: tuple[int, ...]
+    num_steps: int
+    rule: GridRule
+    alphas_cumprod: torch.Tensor = field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.timesteps:
+            raise InputError("a grid needs at least one timestep")
+        if list(self.timesteps) != sorted(set(self.timesteps)):
+            raise InputError("grid timesteps must be strictly ascending")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def for_model(cls, backbone: Backbone, num_steps: int = DEFAULT_STEPS, *,
+                  spacing: str | None = None, steps_offset: int | None = None,
+                  set_alpha_to_one: bool | None = None) -> Grid:
+        """The model's own grid with ``num_steps`` steps; keywords override its scheduler."""
+        base = backbone.grid_rule
+        rule = GridRule(spacing=base.spacing if spacing is None else spacing,
+                        steps_offset=base.steps_offset if steps_offset is None else steps_offset,
+                        set_alpha_to_one=(base.set_alpha_to_one if set_alpha_to_one is None
+                                          else set_alpha_to_one))
+        ts = grid_timesteps(backbone.num_train_timesteps, num_steps, rule)
+        return cls(tuple(ts), int(num_steps), rule, backbone.alphas_cumprod)
+
+    @classmethod
+    def resolve(cls, backbone: Backbone, grid: Grid | int | None) -> Grid:
+        """A Grid from what a method was given: a Grid (checked against the model), a number
+        of steps on the model's own grid, or None (the default number of steps)."""
+        if grid is None:
+            return cls.for_model(backbone)
+        if isinstance(grid, Grid):
+            if len(grid.alphas_cumprod) != backbone.num_train_timesteps or not torch.equal(
+                    grid.alphas_cumprod, backbone.alphas_cumprod):
+                raise InputError("grid was built for another model's noise schedule")
+            return grid
+        return cls.for_model(backbone, grid)
+
+    @classmethod
+    def from_dict(cls, backbone: Backbone, data: dict[str, Any]) -> Grid:
+        """The grid :meth:`to_dict` recorded (settings.json), rebuilt for ``backbone``."""
+        try:
+            rule = GridRule(**data["rule"])
+            full = cls(tuple(grid_timesteps(backbone.num_train_timesteps, int(data["num_steps"]),
+                                            rule)), int(data["num_steps"]), rule,
+                       backbone.alphas_cumprod)
+            ts = tuple(int(t) for t in data["timesteps"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"not a recorded grid: {data!r} ({e})") from None
+        if not set(ts) <= set(full.timesteps):
+            raise InputError("recorded grid timesteps are not on this model's grid")
+        return replace(full, timesteps=ts)
+
+    # ------------------------------------------------------------------ reading
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def __iter__(self):
+        return iter(self.timesteps)
+
+    def __contains__(self, t: object) -> bool:
+        return t in self.timesteps
+
+    @property
+    def top(self) -> int:
+        return self.timesteps[-1]
+
+    @property
+    def bottom(self) -> int:
+        return self.timesteps[0]
+
+    @property
+    def clean_alpha_bar(self) -> float:
+        """alpha_bar of the clean end: 1, or alpha_bar at t = 0 (``set_alpha_to_one=False``)."""
+        return clean_alpha_bar(self.rule, self.alphas_cumprod)
+
+    def alpha_bar(self, t: int | None) -> float:
+        """alpha_bar at grid timestep t (float64 from the schedule); None is the clean end."""
+        return self.clean_alpha_bar if t is None else float(self.alphas_cumprod[t])
+
+    def levels(self) -> list[int | None]:
+        """The clean level then every timestep: ``[None, t_0, t_1, ...]``."""
+        return [None, *self.timesteps]
+
+    def index(self, t: int) -> int:
+        self.check(t)
+        return self.timesteps.index(t)
+
+    def check(self, t: Any, name: str = "t") -> int:
+        """t itself when it is a timestep of this grid; a clear error naming the nearest ones."""
+        if isinstance(t, bool) or not isinstance(t, int | np.integer):
+            raise InputError(f"{name} must be an integer timestep, got {t!r}")
+        if int(t) not in self.timesteps:
+            near = sorted(sorted(self.timesteps, key=lambda g: abs(g - int(t)))[:2])
+            raise InputError(f"{name}={int(t)} is not on the {self.describe()}; nearest grid "
+                             f"timesteps: {near}")
+        return int(t)
+
+    def describe(self) -> str:
+        step = self.timesteps[1] - self.timesteps[0] if len(self) > 1 else 0
+        return (f"{self.num_steps}-step {self.rule.spacing} grid (offset "
+                f"{self.rule.steps_offset}, step {step})")
+
+    # ------------------------------------------------------------------ cutting
+    def up_to(self, t: int) -> Grid:
+        """The grid points 0..t (t must be on the grid: timesteps are never rounded)."""
+        t = self.check(t)
+        return replace(self, timesteps=tuple(g for g in self.timesteps if g <= t))
+
+    def lowest(self, n: int) -> Grid:
+        """The ``n`` lowest grid points (img2img and PIXELS execute these)."""
+        if not 1 <= n <= len(self):
+            raise InputError(f"cannot take {n} steps of a {len(self)}-step grid")
+        return replace(self, timesteps=self.timesteps[:n])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"timesteps": list(self.timesteps), "num_steps": self.num_steps,
+                "rule": {"spacing": self.rule.spacing, "steps_offset": self.rule.steps_offset,
+                         "set_alpha_to_one": self.rule.set_alpha_to_one},
+                "clean_alpha_bar": self.clean_alpha_bar}
+
+
+__all__ = ["DEFAULT_STEPS", "SPACINGS", "Grid", "GridRule", "alpha_bar", "clean_alpha_bar",
+           "grid_timesteps"]
