@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.editing.pixels import (
     THRESHOLDS,
     edit_start,
@@ -46,13 +48,27 @@ def _half_map(h: int, w: int, left_keeps: bool = True) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", THRESHOLDS)
-def test_thresholds_monotone_start_at_zero_in_unit_interval(name):
+def test_thresholds_monotone_in_unit_interval(name):
     for n in (1, 2, 7, 50):
         thr = threshold_schedule(name, n)
         assert thr.shape == (n,)
-        assert float(thr[0]) == pytest.approx(0.0, abs=1e-12)
+        # every schedule but the paper's sigmoid starts at 0
+        start = 1 / (1 + math.exp(3)) if name == "sigmoid" else 0.0
+        assert float(thr[0]) == pytest.approx(start, abs=1e-12)
         assert bool((thr[1:] >= thr[:-1]).all())
         assert float(thr.min()) >= 0 and float(thr.max()) < 1
+
+
+def test_sigmoid_threshold_is_the_papers_formula():
+    """PIXELS' appendix: threshold(i) = sigmoid(6i/N − 3), i = 0..N-1 (0.047 at i = 0)."""
+    n = 10
+    want = torch.tensor([1 / (1 + math.exp(-(6 * i / n - 3))) for i in range(n)],
+                        dtype=torch.float64)
+    assert torch.allclose(threshold_schedule("sigmoid", n), want, rtol=0, atol=1e-15)
+    assert float(threshold_schedule("sigmoid", n)[0]) == pytest.approx(0.0474258732, abs=1e-9)
+    ours = threshold_schedule("sigmoid-normalized", n)
+    assert torch.allclose(ours, (want - want[0]) / (1 / (1 + math.exp(-3)) - want[0]),
+                          rtol=0, atol=1e-15)
 
 
 def test_threshold_callable_and_errors():
@@ -120,9 +136,9 @@ def test_all_ones_map_is_the_source_regenerated_from_the_same_noise(pixel_bb):
     z = torch.randn(src.shape, generator=g)
     # every step pins the noised source, so the output is the last DDIM step from it
     t0 = r.timesteps[-1]
-    ab = ddim.alpha_bar(pixel_bb, t0)
+    ab = sampling.alpha_bar(pixel_bb, t0)
     xt = ab**0.5 * src + (1 - ab) ** 0.5 * z
-    expected = ddim.ddim_step(pixel_bb, xt, t0, None, pixel_bb.eps(xt, t0))
+    expected = sampling.ddim_step(xt, pixel_bb.eps(xt, t0), ab, sampling.alpha_bar(pixel_bb, None))
     assert torch.allclose(r.state, expected, atol=1e-6)
     assert bool((r.masks == 1).all())
 
@@ -135,8 +151,8 @@ def test_all_zeros_map_is_sdedit_of_the_exemplar(pixel_bb):
     torch.randn(src.shape, generator=g)  # the source's draw comes first
     z = torch.randn(src.shape, generator=g)
     t = r.timesteps[0]
-    ab = ddim.alpha_bar(pixel_bb, t)
-    gen = ddim.generate(pixel_bb, ab**0.5 * ex + (1 - ab) ** 0.5 * z, t, STEPS)
+    ab = sampling.alpha_bar(pixel_bb, t)
+    gen = sampling.generate(pixel_bb, ab**0.5 * ex + (1 - ab) ** 0.5 * z, t, STEPS)
     assert torch.allclose(r.state, gen.last, atol=1e-5)
 
 
@@ -151,7 +167,7 @@ def test_binary_map_first_latent_is_the_surgical_latent(which, pixel_bb, sd_bb):
     g = _gen(5)
     z1, z2 = torch.randn(src.shape, generator=g), torch.randn(src.shape, generator=g)
     t = r.timesteps[0]
-    ab = ddim.alpha_bar(bb, t)
+    ab = sampling.alpha_bar(bb, t)
     m = mu[None, None]
     surgical = (ab**0.5 * src + (1 - ab) ** 0.5 * z1) * m + \
         (ab**0.5 * ex + (1 - ab) ** 0.5 * z2) * (1 - m)
@@ -173,7 +189,7 @@ def test_two_exemplars_equal_algorithm_2_by_hand(pixel_bb):
     n = len(times)
 
     def add_noise(x0, z, t):
-        ab = ddim.alpha_bar(bb, t)
+        ab = sampling.alpha_bar(bb, t)
         return ab**0.5 * x0 + (1 - ab) ** 0.5 * z
 
     m1, m2 = (mu1 > 0).float(), (mu2 > 0).float()
@@ -185,7 +201,8 @@ def test_two_exemplars_equal_algorithm_2_by_hand(pixel_bb):
                 m1, m2 = (mu1 > i / n).float(), (mu2 > i / n).float()
                 z = (add_noise(src, z1, t) * m1 + z * (1 - m1)) * m2 + z * (1 - m2)
             nxt = times[i + 1] if i + 1 < n else None
-            z = ddim.ddim_step(bb, z, t, nxt, bb.eps(z, t))
+            z = sampling.ddim_step(z, bb.eps(z, t), sampling.alpha_bar(bb, t),
+                                   sampling.alpha_bar(bb, nxt))
     assert torch.allclose(r.state, z, atol=1e-5)
 
 

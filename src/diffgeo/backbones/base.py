@@ -165,20 +165,23 @@ class Backbone(ABC):
                              f", got {tuple(x.shape)}")
         return x
 
-    def ab(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """alpha_bar(t) broadcast against ``like`` (cast from float64 only here)."""
-        a = self.alphas_cumprod[t.cpu()].to(device=like.device, dtype=like.dtype)
-        return a.reshape(-1, *([1] * (like.ndim - 1)))
-
     def to_eps(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Convert the model's native prediction to ε."""
+        """Convert the model's native prediction to ε.
+
+        The coefficients are formed in float64 and cast once: near t = 0, 1 − ᾱ is a small
+        difference of numbers close to 1, which float32 would round to a few digits.
+        """
         if self.prediction_type == "epsilon":
             return out
-        a = self.ab(t, x)
+        a = self.alphas_cumprod[torch.as_tensor(t).cpu()].reshape(-1, *([1] * (x.ndim - 1)))
+
+        def cast(c: torch.Tensor) -> torch.Tensor:
+            return c.to(device=x.device, dtype=x.dtype)
+
         if self.prediction_type == "v_prediction":
-            return a.sqrt() * out + (1 - a).sqrt() * x
+            return cast(a.sqrt()) * out + cast((1 - a).sqrt()) * x
         if self.prediction_type == "sample":
-            return (x - a.sqrt() * out) / (1 - a).sqrt()
+            return cast(1 / (1 - a).sqrt()) * x - cast((a / (1 - a)).sqrt()) * out
         raise InputError(f"prediction_type must be one of {PREDICTION_TYPES}, "
                          f"got {self.prediction_type!r}")
 

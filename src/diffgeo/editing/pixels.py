@@ -20,8 +20,10 @@ The method, as implemented here (every choice below is a documented convention):
   the aspect ratio of the state.
 * **Thresholds.** ``threshold(i)`` for i = 0..N-1 over the N executed steps: ``linear`` i/N
   (default), ``quadratic`` (i/N)^2, ``cubic`` (i/N)^3, ``log1p`` log1p(i)/log1p(N), ``sigmoid``
-  (s(6i/N - 3) - s(-3)) / (s(3) - s(-3)) (normalised so that it starts at 0 and would reach 1 at
-  i = N), or any callable ``f(i, N) -> float`` in [0, 1].
+  s(6i/N - 3) (the paper's appendix, s the logistic function: it starts at s(-3) = 0.047, so the
+  first step already takes the exemplar wherever the map is <= 0.047), ``sigmoid-normalized``
+  (s(6i/N - 3) - s(-3)) / (s(3) - s(-3)) (ours: starts at 0 like the others and would reach 1
+  at i = N), or any callable ``f(i, N) -> float`` in [0, 1].
 * **Step 0 (the surgical latent).** With m_k = map_k > threshold(0), starting from the noised
   source z = src_T, each exemplar in turn replaces z where its mask is 0:
   z <- z·m_k + ex_k_T·(1 - m_k) (Algorithm 2, line 14, nested for any number of exemplars).
@@ -54,7 +56,8 @@ from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
 from diffgeo.sampling import Grid, Guidance, noised, sample
 
-THRESHOLDS: tuple[str, ...] = ("linear", "quadratic", "cubic", "log1p", "sigmoid")
+THRESHOLDS: tuple[str, ...] = ("linear", "quadratic", "cubic", "log1p", "sigmoid",
+                               "sigmoid-normalized")
 """Names of the built-in threshold functions (CLI: ``--threshold``)."""
 
 ThresholdFn = Callable[[int, int], float]
@@ -75,7 +78,8 @@ _BUILTIN: dict[str, ThresholdFn] = {
     "quadratic": lambda i, n: (i / n) ** 2,
     "cubic": lambda i, n: (i / n) ** 3,
     "log1p": lambda i, n: math.log1p(i) / math.log1p(n),
-    "sigmoid": lambda i, n: (_sigmoid(6 * i / n - 3) - _sigmoid(-3))
+    "sigmoid": lambda i, n: _sigmoid(6 * i / n - 3),
+    "sigmoid-normalized": lambda i, n: (_sigmoid(6 * i / n - 3) - _sigmoid(-3))
     / (_sigmoid(3) - _sigmoid(-3)),
 }
 
