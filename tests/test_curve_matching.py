@@ -437,3 +437,20 @@ def test_every_task_runs_on_a_latent_model_with_a_prompt(sd_bb, task):
     assert all(region[s["pixel"][0], s["pixel"][1]] > 0.5
                for h in res.history for s in h["samples"])
     assert torch.isfinite(res.region_curve_after).all()
+
+
+def test_task_presets_keep_their_iteration_budget_under_a_partial_config(monkeypatch):
+    """A config that names no iteration count gets the task's (the paper's 70 for saliency,
+    100 for blending, 300 otherwise); one that names it keeps it; 0 is refused, not 300."""
+    seen = []
+    monkeypatch.setattr(tasks, "curve_matching",
+                        lambda bb, image, region, cfg, **kw: seen.append(cfg) or cfg)
+    partial = CurveMatchingConfig(t=600, num_steps=10)
+    tasks.saliency(None, _image(), REGION, "increase", config=partial)
+    tasks.blend(None, _image(), REGION, config=partial)
+    tasks.remove(None, _image(), REGION, config=partial)
+    tasks.saliency(None, _image(), REGION, "decrease", config=CurveMatchingConfig(iterations=5))
+    assert [c.budget for c in seen] == [70, 100, 300, 5]
+    assert [c.lambda2 for c in seen] == [-1.0, 1.0, 1.0, 1.0] and seen[0].t == 600
+    with pytest.raises(InputError, match="iterations must be an integer >= 1, got 0"):
+        CurveMatchingConfig(iterations=0).validate()

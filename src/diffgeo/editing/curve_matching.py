@@ -53,6 +53,8 @@ FAST_PIXELS_PER_ITERATION = 4
 #: Fast mode re-walks its path once X_t has moved by this fraction of its norm since the last
 #: walk (``refresh_drift=None``): the reused ΔX goes stale in proportion to that move.
 FAST_REFRESH_DRIFT = 0.05
+#: Iterations of a config that names none (semantic transfer and removal, §5; App. D).
+DEFAULT_ITERATIONS = 300
 
 
 @dataclass
@@ -69,11 +71,13 @@ class CurveMatchingConfig:
     to that move (each iteration's value is in the history as ``drift``, and ``rewalked`` says
     where it triggered). A re-walk renews the path only; the sampling curve c_a (and c*) keep
     the ``refresh_every`` schedule, so with a tolerance of 0+ fast mode equals faithful mode.
-    Without ``localized`` nothing is blended, neither X_t nor the decode."""
+    Without ``localized`` nothing is blended, neither X_t nor the decode. ``iterations=None``
+    takes the task's default (:data:`DEFAULT_ITERATIONS`; the saliency and blending presets in
+    ``tasks`` use the paper's 70 and 100)."""
 
     t: int = 700
     num_steps: int = 50
-    iterations: int = 300
+    iterations: int | None = None
     lr: float = 0.02
     refresh_every: int = 50
     refresh_drift: float | None = None
@@ -99,6 +103,11 @@ class CurveMatchingConfig:
         return FAST_REFRESH_DRIFT if self.mode == "fast" else 0.0
 
     @property
+    def budget(self) -> int:
+        """The number of iterations this config runs."""
+        return DEFAULT_ITERATIONS if self.iterations is None else self.iterations
+
+    @property
     def batch(self) -> int:
         """The number of (pixel, timestep) pairs each iteration averages over."""
         if self.pixels_per_iteration is not None:
@@ -108,6 +117,8 @@ class CurveMatchingConfig:
     def validate(self) -> None:
         for name in ("iterations", "refresh_every", "blend_every", "num_steps"):
             v = getattr(self, name)
+            if name == "iterations" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be an integer >= 1, got {v!r}")
         ppi = self.pixels_per_iteration
@@ -343,7 +354,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
     snapshots: list[tuple[int, torch.Tensor]] = []
     x_refreshed, refreshes = x_orig, 0
     tolerance = cfg.drift_tolerance
-    for it in tqdm(range(cfg.iterations), desc=f"curve matching ({cfg.loss})",
+    for it in tqdm(range(cfg.budget), desc=f"curve matching ({cfg.loss})",
                    disable=not progress):
         # How far X_t has moved since the path was last computed: fast mode's ΔX error grows
         # with it (the reused ΔX assumes the walk's Jacobian is the identity along the move).
@@ -433,7 +444,8 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
             x_clean = generate(backbone, final_path[lowest], lowest, grid, cond).last
         out = backbone.to_image(x_clean).clamp(-1, 1)
     region_after = curve_of(backbone, final_path, a_pixel, cond)
-    settings = dict(cfg.__dict__, final_blend=final_blend, pixels_per_iteration=cfg.batch,
+    settings = dict(cfg.__dict__, iterations=cfg.budget, final_blend=final_blend,
+                    pixels_per_iteration=cfg.batch,
                     refresh_drift=tolerance, refreshes=refreshes,
                     drift_refreshes=sum(h["rewalked"] for h in history),
                     decode_blend=bool(cfg.localized and cfg.decode_blend),

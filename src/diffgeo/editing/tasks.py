@@ -25,11 +25,14 @@ from diffgeo.errors import InputError
 DIRECTIONS = ("increase", "decrease")
 
 
-def _config(config: CurveMatchingConfig | None, **defaults: Any) -> CurveMatchingConfig:
-    """Task defaults, then the caller's explicit settings on top."""
-    if config is None:
-        return CurveMatchingConfig(**defaults)
-    return replace(config, **{k: v for k, v in defaults.items() if k in ("loss", "lambda2")})
+def _config(config: CurveMatchingConfig | None, *, iterations: int | None = None,
+            **task: Any) -> CurveMatchingConfig:
+    """The caller's config with the task's loss settings, and the task's iteration budget
+    where the config names none."""
+    cfg = replace(config or CurveMatchingConfig(), **task)
+    if cfg.iterations is None and iterations is not None:
+        cfg = replace(cfg, iterations=iterations)
+    return cfg
 
 
 def transfer(backbone: Backbone, image: torch.Tensor, region: Any,
