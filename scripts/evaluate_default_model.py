@@ -27,7 +27,8 @@ from diffgeo import ddim
 from diffgeo.backbones import default_model_path, load_backbone
 from diffgeo.curves import saliency_check
 from diffgeo.data.scenes import SceneConfig, bundled_scenes, generate_scenes, scenes_to_tensor
-from diffgeo.io import psnr, to_uint8
+from diffgeo.io import to_uint8
+from diffgeo.metrics import image_psnr as psnr
 
 
 def reconstruction_psnr(bb, x, t, exact):

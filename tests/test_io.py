@@ -1,4 +1,4 @@
-"""Tests for diffgeo.io: loading/fitting images and masks, points/boxes, result writing."""
+"""diffgeo.io (and image_psnr): loading and fitting images and masks, points, boxes, results."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from diffgeo.io import (
     load_mask,
     parse_box,
     parse_point,
-    psnr,
     to_jsonable,
     to_uint8,
     validate_point,
 )
+from diffgeo.metrics import image_psnr as psnr
 
 # ------------------------------------------------------------------------------------------
 # helpers

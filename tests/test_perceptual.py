@@ -21,7 +21,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from diffgeo.backbones.base import Backbone, Encoded  # noqa: E402
-from diffgeo.ddim import Trajectory, invert  # noqa: E402
 from diffgeo.errors import InputError, ModelNotFoundError  # noqa: E402
 from diffgeo.perceptual import (  # noqa: E402
     IMAGENET_MEAN,
@@ -34,6 +33,7 @@ from diffgeo.perceptual import (  # noqa: E402
     rate_from_state,
     state_from_distance,
 )
+from diffgeo.sampling import Grid, GridRule, Trajectory, invert  # noqa: E402
 
 
 def _write_tiny_vit(folder: Path) -> Path:
@@ -164,7 +164,7 @@ class OracleBackbone(Backbone):
         return Encoded(h=x, skips=(), emb=torch.zeros(1), timesteps=tt, x=x)
 
     def decode(self, enc, h, return_features=False):
-        a = self.ab(enc.timesteps, h)
+        a = self.alphas_cumprod[enc.timesteps].reshape(-1, 1, 1, 1).to(h)
         return (h - a.sqrt() * self.x0) / (1 - a).sqrt()
 
 
@@ -174,7 +174,8 @@ def _noised_trajectory(alphas: torch.Tensor, x0: torch.Tensor, grid: list[int]) 
     noise = torch.randn(x0.shape, generator=g)
     states = [x0] + [float(alphas[t]) ** 0.5 * x0 + (1 - float(alphas[t])) ** 0.5 * noise
                      for t in grid]
-    return Trajectory([None, *grid], states, "inversion")
+    return Trajectory([None, *grid], states, "inversion",
+                      Grid(tuple(grid), len(grid), GridRule(), alphas))
 
 
 def test_identical_masked_inputs_give_distance_zero(dino, pixel_bb):
@@ -205,7 +206,7 @@ def _independent_rate(state: np.ndarray, t: np.ndarray) -> np.ndarray:
 def test_curve_along_a_ddim_inversion(dino, pixel_bb):
     image = _images(1, seed=1)
     m = _box_mask()
-    traj = invert(pixel_bb, pixel_bb.to_state(image), t=900, num_steps=10)
+    traj = invert(pixel_bb, pixel_bb.to_state(image), t=900, grid=10)
     curve = perceptual_curve(pixel_bb, traj, image, m, dino)
     assert curve.timesteps.tolist() == list(range(0, 901, 100))
     d, s = curve.distance.numpy(), curve.state.numpy()

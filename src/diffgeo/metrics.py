@@ -22,7 +22,7 @@ Definitions (generation-curves paper, App. D.1, Eq. 12-16; PIXELS, Sec. "Experim
   the *edited* image only (the exemplar is a whole image). Without a mask it equals clip_sim.
 - ``mse_inside_outside``: MSE of the difference inside / outside a mask
   (:func:`diffgeo.editing.rbe.edit_locality`, applied image by image).
-- ``psnr``: :func:`diffgeo.io.psnr` image by image (inf for identical images).
+- ``psnr``: :func:`image_psnr` image by image (inf for identical images).
 - ``ssim``: Wang et al. (2004) SSIM with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
   K2 = 0.03, on [0, 1] intensities (data range 1), per channel over the "valid" region (no
   padding), averaged over channels: the same numbers as ``skimage.metrics.structural_similarity(
@@ -385,12 +385,25 @@ def mse_inside_outside(a: ImagesLike, b: ImagesLike, mask: Any) -> tuple[torch.T
             torch.tensor([r.mse_outside for r in res], dtype=torch.float64))
 
 
-def psnr(a: ImagesLike, b: ImagesLike, data_range: float = 2.0) -> torch.Tensor:
-    """PSNR in dB per image (:func:`diffgeo.io.psnr`; images in [-1, 1]; inf when identical)."""
-    from diffgeo.io import psnr as _psnr
+def image_psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB between two images in [-1, 1] (``data_range`` = 2).
 
+    Computed over all elements in float64; ``inf`` when the images are identical.
+    """
+    if tuple(a.shape) != tuple(b.shape):
+        raise InputError(
+            f"psnr needs images of the same shape; got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    mse = float(((a.detach().double() - b.detach().double()) ** 2).mean())
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(data_range**2 / mse)
+
+
+def psnr(a: ImagesLike, b: ImagesLike, data_range: float = 2.0) -> torch.Tensor:
+    """PSNR in dB per image (:func:`image_psnr`; images in [-1, 1]; inf when identical)."""
     x, y = _pair(a, b, "a", "b")
-    return torch.tensor([_psnr(x[i], y[i], data_range) for i in range(x.shape[0])],
+    return torch.tensor([image_psnr(x[i], y[i], data_range) for i in range(x.shape[0])],
                         dtype=torch.float64)
 
 

@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from diffgeo.backbones.base import Backbone, Conditioning
-from diffgeo.ddim import Trajectory, predict_x0
 from diffgeo.errors import InputError, ModelNotFoundError
 from diffgeo.hub import looks_like_path, snapshot
 from diffgeo.runtime import check_device, resolve_dtype
+from diffgeo.sampling import Trajectory, predict_x0
 
 DINO_DEFAULT = "facebook/dino-vits16"
 """DINO v1 ViT-S/16, the model the paper cites (Caron et al., 2021)."""
@@ -329,8 +329,9 @@ def perceptual_curve(backbone: Backbone, trajectory: Trajectory, image: torch.Te
                      margin: float = 0.1, atol: float = 1e-6) -> PerceptualCurve:
     """The perceptual-based curve of App. C.2 along ``trajectory``.
 
-    ``trajectory`` is a batch-1 DDIM path (normally ``ddim.invert`` of ``backbone.to_state(image)``)
-    and ``image`` the original I in [-1, 1], (1, 3, H, W) at ``backbone.image_size``. At every grid
+    ``trajectory`` is a batch-1 DDIM path (normally ``sampling.invert`` of
+    ``backbone.to_state(image)``) and ``image`` the original I in [-1, 1], (1, 3, H, W) at
+    ``backbone.image_size``. At every grid
     timestep x̂0 = predict_x0(X_t) is decoded to Î_t (clamped to [-1, 1]); DINO runs on masked
     images in batches of ``dino.batch_size``. The clean level of the trajectory is not a curve
     point: its distance is 0 by construction.
@@ -351,10 +352,14 @@ def perceptual_curve(backbone: Backbone, trajectory: Trajectory, image: torch.Te
 
     ref = dino.masked(image, m, mode, margin)
     dists: list[torch.Tensor] = []
+    def x0_image(t: int) -> torch.Tensor:
+        x = trajectory.at(t)
+        x0 = predict_x0(x, backbone.eps(x, t, cond), trajectory.grid.alpha_bar(t))
+        return backbone.to_image(x0).clamp(-1, 1)
+
     for start in range(0, len(grid), dino.batch_size):
         chunk = grid[start:start + dino.batch_size]
-        decoded = [backbone.to_image(predict_x0(backbone, trajectory.at(t), t, cond)).clamp(-1, 1)
-                   for t in chunk]
+        decoded = [x0_image(t) for t in chunk]
         feats = dino.masked(torch.cat(decoded), m, mode, margin)
         dists.append(cosine_distance(feats, ref.expand_as(feats)).cpu())
     distance = torch.cat(dists)
