@@ -22,7 +22,6 @@ from diffgeo.editing.curve_matching import (
     match_outside_statistics,
     paste_outside,
     rates_batch,
-    state_region,
 )
 from diffgeo.errors import InputError
 from diffgeo.sampling import Grid
@@ -408,7 +407,7 @@ def test_curve_matching_on_a_latent_model_keeps_the_outside_latents(sd_bb):
     assert res.state.shape == (1, *sd_bb.state_shape)
     with torch.no_grad():
         x_orig = ddim.invert(sd_bb, sd_bb.to_state(_image()), t, steps, cond).last
-    mask = state_region(sd_bb, REGION)[0, 0]
+    mask = sd_bb.state_region(REGION)[0, 0]
     assert 0 < float(mask.sum()) < mask.numel() and ((mask > 0) & (mask < 1)).any()
     untouched = (mask == 0)[None, None].expand_as(x_orig)
     assert torch.equal(res.state[untouched], x_orig[untouched])

@@ -599,3 +599,32 @@ def test_json_serialises_dataclass_with_tensor_and_path(tmp_path: Path) -> None:
     }
     assert r["fit"]["mode"] == "none"
     assert to_jsonable(np.arange(3)) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------------
+# region rules
+
+
+def test_region_rules_on_a_known_mask() -> None:
+    from diffgeo.io.regions import area_resize, as_mask, cells_to_image, region_pixels
+
+    m = torch.zeros(4, 4, dtype=torch.float64)
+    m[0, :3] = 1.0
+    assert region_pixels(m).tolist() == [[0, 0], [0, 1], [0, 2]]
+    # area: each 2x2 cell holds the covered fraction
+    area = area_resize(m[None, None], (2, 2))[0, 0]
+    assert area.tolist() == [[0.5, 0.25], [0.0, 0.0]]
+    assert torch.equal(area_resize(m[None, None], (4, 4))[0, 0], m)  # same size: identity
+    # nearest display: each cell covers its 2x2 pixels exactly
+    assert torch.equal(cells_to_image(area, (4, 4)),
+                       area.float().repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert as_mask(np.ones((1, 3, 3), dtype=bool)).dtype == torch.float64
+    for bad, msg in ((torch.ones(2, 3, 3), "one channel"), (torch.full((3, 3), 2.0), r"\[0, 1\]"),
+                     (torch.full((3, 3), float("nan")), "NaN"), ("m.png", "numpy array"),
+                     (torch.ones(3, 3, dtype=torch.long), "floats")):
+        with pytest.raises(InputError, match=msg):
+            as_mask(bad)
+    with pytest.raises(InputError, match="is 3x3 .* but the model's images are 4x4"):
+        as_mask(torch.ones(3, 3), (4, 4))
+    with pytest.raises(InputError, match="region is empty"):
+        region_pixels(torch.zeros(3, 3))

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from diffgeo.errors import InputError
+from diffgeo.io.regions import area_resize, as_mask
 from diffgeo.schedule import GridRule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -164,6 +165,13 @@ class Backbone(ABC):
             raise InputError(f"{name} must have shape (B, {', '.join(map(str, self.state_shape))})"
                              f", got {tuple(x.shape)}")
         return x
+
+    def state_region(self, mask: Any, name: str = "region") -> torch.Tensor:
+        """A region drawn on the model's image (H, W), 1 = region, on the state grid:
+        (1, 1, h, w) area-averaged (``diffgeo.io.regions``' rule for regions on the state
+        grid), in this backbone's dtype and device."""
+        m = as_mask(mask, self.image_size, name)[None, None]
+        return area_resize(m, self.state_shape[-2:]).to(device=self.device, dtype=self.dtype)
 
     def to_eps(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Convert the model's native prediction to ε.

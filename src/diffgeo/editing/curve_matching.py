@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.curves import pixel_direction, rates_at
 from diffgeo.errors import InputError
+from diffgeo.io.regions import region_pixels
 from diffgeo.jacobian import _expand_cond, jvp
 from diffgeo.sampling import Grid, Step, generate, invert, sample, walk
 
@@ -172,27 +172,6 @@ class CurveMatchingResult:
         return [h["loss"] for h in self.history]
 
 
-def region_pixels(backbone: Backbone, region: Any, name: str = "region") -> np.ndarray:
-    """(P, 2) image pixels (row, col) where the region mask is > 0.5."""
-    m = torch.as_tensor(np.asarray(region, dtype=np.float32)).squeeze()
-    if tuple(m.shape) != tuple(backbone.image_size):
-        raise InputError(f"{name} must be {backbone.image_size[0]}x{backbone.image_size[1]} "
-                         f"(the model's image size), got {tuple(m.shape)}")
-    px = np.argwhere(m.numpy() > 0.5)
-    if len(px) == 0:
-        raise InputError(f"{name} is empty: mark the pixels to edit with 1")
-    return px
-
-
-def state_region(backbone: Backbone, region: Any) -> torch.Tensor:
-    """The region on the state grid (1, 1, h, w), area-averaged (soft at latent cell edges)."""
-    m = torch.as_tensor(np.asarray(region, dtype=np.float32)).squeeze()[None, None]
-    hw = tuple(backbone.state_shape[-2:])
-    if tuple(m.shape[-2:]) != hw:
-        m = F.interpolate(m, size=hw, mode="area")
-    return m.to(device=backbone.device, dtype=backbone.dtype)
-
-
 def rates_batch(backbone: Backbone, x: torch.Tensor, t: Sequence[int], v: torch.Tensor,
                 cond: Conditioning | None) -> torch.Tensor:
     """‖D h_{t_i}(x_i)[v_i]‖ for B states (B, *state), B timesteps and B directions: (B,).
@@ -317,7 +296,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
     cfg.validate()
     if image.ndim != 4 or image.shape[0] != 1:
         raise InputError(f"image must have shape (1, C, H, W), got {tuple(image.shape)}")
-    pixels = region_pixels(backbone, region)
+    pixels = region_pixels(region, backbone.image_size)
     if cfg.loss == "match":
         if reference_pixel is None:
             raise InputError("loss 'match' needs a reference pixel (--reference R,C)")
@@ -332,7 +311,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
     with torch.no_grad():
         x0 = backbone.to_state(image.to(dev, dt))
         x_orig = invert(backbone, x0, cfg.t, grid, cond).last
-    mask = state_region(backbone, region)
+    mask = backbone.state_region(region)
     if cfg.match_outside_stats:
         _inside_with_outside(mask)  # refuse before any optimisation
     ref_inside = reference_pixel is not None and any(

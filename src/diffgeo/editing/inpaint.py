@@ -12,32 +12,30 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
+from diffgeo.io.regions import as_mask
 from diffgeo.sampling import Grid, Guidance, Step, noised, renoised, sample
 
 
-def _image_mask(image: torch.Tensor, mask: Any, name: str) -> torch.Tensor:
+def _hole(image: torch.Tensor, mask: Any) -> torch.Tensor:
+    """The hole as image pixels (mask > 0.5, the regions module's rule for which pixels),
+    (1, 1, H, W) in the image's dtype and device; empty or whole-image holes are refused."""
     if image.ndim != 4 or image.shape[0] != 1:
         raise InputError(f"image must have shape (1, C, H, W), got {tuple(image.shape)}")
-    m = torch.as_tensor(np.asarray(mask, dtype=np.float32)).squeeze()
-    if tuple(m.shape) != tuple(image.shape[-2:]):
-        raise InputError(f"{name} must be {image.shape[-2]}x{image.shape[-1]} (the image size), "
-                         f"got {tuple(m.shape)}")
-    m = (m > 0.5).to(image.dtype)
+    m = (as_mask(mask, tuple(image.shape[-2:])) > 0.5).to(image.dtype)
     if not bool(m.any()):
-        raise InputError(f"{name} is empty: mark the pixels to fill with 1")
+        raise InputError("mask is empty: mark the pixels to fill with 1")
     if bool(m.all()):
-        raise InputError(f"{name} covers the whole image: nothing is left to fill it from")
+        raise InputError("mask covers the whole image: nothing is left to fill it from")
     return m[None, None].to(image.device)
 
 
 def mean_fill(image: torch.Tensor, mask: Any) -> torch.Tensor:
     """The image with the masked pixels set to the per-channel mean of the unmasked ones."""
-    m = _image_mask(image, mask, "mask")
+    m = _hole(image, mask)
     keep = 1 - m
     mean = (image * keep).sum(dim=(-2, -1), keepdim=True) / keep.sum()
     return image * keep + mean * m
@@ -63,15 +61,13 @@ def repaint(backbone: Backbone, image: torch.Tensor, mask: Any, *,
         raise InputError("repaint draws noise: pass generator=torch.Generator().manual_seed(N)")
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
         raise InputError(f"resample must be an integer >= 1, got {resample!r}")
-    from diffgeo.editing.curve_matching import state_region
-
     if clip_x0 is None:
         clip_x0 = backbone.kind == "pixel"
-    m_img = _image_mask(image, mask, "mask")
+    m_img = _hole(image, mask)
     dev, dt = backbone.device, backbone.dtype
     with torch.no_grad():
         x0 = backbone.to_state(image.to(dev, dt))
-    m = state_region(backbone, m_img[0, 0].cpu().numpy())
+    m = backbone.state_region(m_img[0, 0])
     g = Grid.resolve(backbone, grid)
 
     def noise() -> torch.Tensor:

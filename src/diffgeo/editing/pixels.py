@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
+from diffgeo.io.regions import as_mask, resize_edit_map
 from diffgeo.sampling import Grid, Guidance, noised, sample
 
 THRESHOLDS: tuple[str, ...] = ("linear", "quadratic", "cubic", "log1p", "sigmoid",
@@ -115,35 +116,6 @@ def threshold_schedule(threshold: str | ThresholdFn, n: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ edit maps
-def _as_map_tensor(m: Any, name: str) -> torch.Tensor:
-    if not isinstance(m, torch.Tensor):
-        try:
-            m = torch.as_tensor(m)
-        except Exception as exc:
-            raise InputError(f"{name} must be a tensor or array, got {type(m).__name__}") from exc
-    if m.dtype == torch.bool:
-        m = m.to(torch.float64)
-    if not m.is_floating_point():
-        raise InputError(f"{name} must hold floats in [0, 1] (or booleans), got {m.dtype}")
-    if m.ndim == 2:
-        m = m[None, None]
-    elif m.ndim == 3:
-        m = m[None]
-    if m.ndim != 4 or m.shape[0] != 1:
-        raise InputError(f"{name} must have shape (H, W), (C, H, W) or (1, C, H, W), "
-                         f"got {tuple(m.shape)}")
-    if m.shape[1] != 1:
-        raise InputError(f"{name} must have one channel, got {m.shape[1]}")
-    if m.shape[-1] < 1 or m.shape[-2] < 1:
-        raise InputError(f"{name} is empty: shape {tuple(m.shape)}")
-    if not bool(torch.isfinite(m).all()):
-        raise InputError(f"{name} contains NaN or infinite values")
-    if float(m.min()) < 0 or float(m.max()) > 1:
-        raise InputError(f"{name} must lie in [0, 1] (1 = keep source, 0 = take exemplar), "
-                         f"got values in [{float(m.min()):.3g}, {float(m.max()):.3g}]")
-    return m
-
-
 def prepare_map(m: Any, size: tuple[int, int], *, invert: bool = False,
                 name: str = "map") -> torch.Tensor:
     """Validate an edit map and resize it to ``size`` = (h, w) (the state's resolution).
@@ -155,7 +127,7 @@ def prepare_map(m: Any, size: tuple[int, int], *, invert: bool = False,
     of 0 or 1 are snapped onto them (step 0 takes an exemplar only where the map is exactly 0).
     Returns float64 (1, 1, h, w).
     """
-    m = _as_map_tensor(m, name).to(torch.float64)
+    m = as_mask(m, name=name, meaning="1 = keep source, 0 = take exemplar")[None, None]
     h, w = size
     H, W = m.shape[-2:]
     if abs(H * w - W * h) > max(h, w, H, W):  # aspect differs by more than one pixel
@@ -164,8 +136,7 @@ def prepare_map(m: Any, size: tuple[int, int], *, invert: bool = False,
     if invert:
         m = 1.0 - m
     if (H, W) != (h, w):
-        m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
-        m = _snap(m)
+        m = _snap(resize_edit_map(m, (h, w)))
     return m
 
 
@@ -178,7 +149,7 @@ def grow_and_blur(mask: Any, grow: int = 0, blur: float = 0.0, *, name: str = "m
     to the map polarity: the returned map is 1 - blurred region (1 = keep source). Returns
     (1, 1, H, W) float64 in [0, 1].
     """
-    m = _as_map_tensor(mask, name).to(torch.float64)
+    m = as_mask(mask, name=name)[None, None]
     if isinstance(grow, bool) or not isinstance(grow, int) or grow < 0:
         raise InputError(f"grow must be an integer >= 0, got {grow!r}")
     if not isinstance(blur, (int, float)) or isinstance(blur, bool) or not blur >= 0:

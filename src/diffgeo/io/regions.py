@@ -10,10 +10,11 @@ use                        rule
 =========================  ==================================================================
 which image pixels          ``mask > 0.5`` (:func:`region_pixels`): sampling curve-matching
                             pixels, a region's curve, the RePaint hole
-a region on the state grid  area average (:func:`state_region`): the fraction of each state
-                            cell the region covers (soft at latent cell edges; the identity
-                            for pixel models). RBE's masked Jacobian, curve matching's blends
-                            and statistics, the RePaint merge
+a region on the state grid  area average (:func:`area_resize`, ``Backbone.state_region``):
+                            the fraction of each state cell the region covers (soft at latent
+                            cell edges; the identity for pixel models). RBE's masked
+                            Jacobian, curve matching's blends and statistics, the RePaint
+                            merge
 an edit map on the state    bilinear, ``align_corners=False``, no antialias
 grid                        (:func:`resize_edit_map`): PIXELS' non-binary maps keep their
                             values (as its reference code)
@@ -26,9 +27,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from diffgeo.errors import InputError
 from diffgeo.io.images import Fit, PathLike, check_size, fit_tensor, format_size, mask_array
@@ -150,3 +153,83 @@ def box_mask(box: Sequence[int], size: tuple[int, int], name: str = "--box") -> 
     m = torch.zeros(1, 1, h, w)
     m[..., r0:r1, c0:c1] = 1.0
     return m
+
+
+# --------------------------------------------------------------------------------------------
+# One region, and the rule each use resamples it with
+# --------------------------------------------------------------------------------------------
+
+
+def as_mask(mask: Any, size: Sequence[int] | None = None, name: str = "mask", *,
+            meaning: str = "1 = region") -> torch.Tensor:
+    """A region given as a tensor or array of shape (H, W), (1, H, W) or (1, 1, H, W) with
+    values in [0, 1] (booleans allowed), as a float64 (H, W) tensor on the CPU.
+
+    ``size`` (H, W), when given, is the size the mask must have (the model's image size: load
+    files with :func:`load_mask`, which fits them). Refused: other types, more than one channel,
+    NaN/inf, values outside [0, 1] (the message says what the values mean: ``meaning``), a
+    wrong size.
+    """
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.ascontiguousarray(
+            mask.astype(np.float64) if mask.dtype == np.bool_ else mask))
+    if not isinstance(mask, torch.Tensor):
+        raise InputError(f"{name} must be a torch tensor or numpy array of shape (H, W), "
+                         f"(1, H, W) or (1, 1, H, W) (load files with diffgeo.io.load_mask), "
+                         f"got {type(mask).__name__}")
+    m = mask.detach().cpu()
+    if m.dtype == torch.bool:
+        m = m.to(torch.float64)
+    if not m.is_floating_point():
+        raise InputError(f"{name} must hold floats in [0, 1] (or booleans), got {m.dtype}")
+    if m.ndim in (3, 4) and m.shape[-3] != 1:
+        raise InputError(f"{name} must have one channel, got {m.shape[-3]} "
+                         f"(shape {tuple(mask.shape)})")
+    while m.ndim > 2 and m.shape[0] == 1:
+        m = m[0]
+    if m.ndim != 2 or 0 in m.shape:
+        raise InputError(f"{name} must have shape (H, W), (1, H, W) or (1, 1, H, W), "
+                         f"got {tuple(mask.shape)}")
+    m = m.to(torch.float64)
+    if not bool(torch.isfinite(m).all()):
+        raise InputError(f"{name} contains NaN or infinite values")
+    if float(m.min()) < 0 or float(m.max()) > 1:
+        raise InputError(f"{name} must lie in [0, 1] ({meaning}), got values in "
+                         f"[{float(m.min()):.3g}, {float(m.max()):.3g}]")
+    if size is not None and tuple(m.shape) != tuple(size):
+        raise InputError(f"{name} is {format_size(tuple(m.shape))} but the model's images are "
+                         f"{format_size(tuple(size))}: draw it on the (fitted) image "
+                         "(diffgeo.io.load_mask fits it)")
+    return m
+
+
+def region_pixels(mask: Any, size: Sequence[int] | None = None,
+                  name: str = "region") -> np.ndarray:
+    """(P, 2) image pixels (row, col) of the region: where the mask is > 0.5."""
+    px = np.argwhere(as_mask(mask, size, name).numpy() > 0.5)
+    if len(px) == 0:
+        raise InputError(f"{name} is empty: mark the pixels to edit with 1")
+    return px
+
+
+def area_resize(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(1, 1, H, W) -> (1, 1, h, w) by area averaging: each target cell holds the fraction of
+    it that the region covers (the identity when the sizes agree)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask, size=tuple(size), mode="area")
+
+
+def resize_edit_map(m: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(1, 1, H, W) -> (1, 1, h, w) bilinearly (``align_corners=False``, no antialias): a
+    non-binary edit map keeps its values' shape (the PIXELS reference code's rule)."""
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    return F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False,
+                         antialias=False)
+
+
+def cells_to_image(values: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A (h, w) cell map shown at image resolution (nearest: each cell covers its pixels)."""
+    v = values[None, None].float()
+    return F.interpolate(v, size=tuple(size), mode="nearest")[0, 0]
