@@ -280,3 +280,32 @@ def test_mse_inside_outside_values():
     assert torch.allclose(outs, torch.tensor([0.0, 1.0], dtype=torch.float64))
     with pytest.raises(InputError, match="needs a mask"):
         metrics.mse_inside_outside(a, b, None)
+
+
+def test_edit_locality_values_and_lpips_note():
+    edit_locality = metrics.edit_locality
+    before = torch.zeros(1, 3, 4, 4)
+    after = before.clone()
+    after[..., :2, :] = 1.0   # change inside rows 0-1 only
+    after[..., 3, 3] = 0.5
+    m = torch.zeros(4, 4)
+    m[:2] = 1
+    loc = edit_locality(before, after, m)
+    assert loc.mse_inside == pytest.approx(1.0)
+    assert loc.mse_outside == pytest.approx(0.25 / 8)
+    assert loc.ratio == pytest.approx(32.0)
+    assert loc.mse == pytest.approx((8 + 0.25) / 16)
+    assert loc.lpips is None and loc.note == ""
+    same = edit_locality(before, before, m)
+    assert same.mse_inside == 0 and math.isnan(same.ratio)
+    with_lpips = edit_locality(before[0], after[0], m[None], lpips=True)
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        assert with_lpips.lpips is None and "not installed" in with_lpips.note
+    with pytest.raises(InputError, match="same shape"):
+        edit_locality(before, after[..., :3], m)
+    with pytest.raises(InputError, match="mask is 3x4"):
+        edit_locality(before, after, m[:3])
+    with pytest.raises(InputError, match="both inside and outside"):
+        edit_locality(before, after, torch.ones(4, 4))

@@ -70,6 +70,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ import torch.nn.functional as F
 
 from diffgeo.errors import InputError, ModelNotFoundError
 from diffgeo.hub import looks_like_path, snapshot
+from diffgeo.io.regions import as_mask
 from diffgeo.perceptual import (
     MASK_MODES,
     DinoFeatures,
@@ -90,6 +92,7 @@ from diffgeo.perceptual import (
 from diffgeo.runtime import check_device, resolve_dtype
 
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
+_ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -371,11 +374,74 @@ def clip_i(clip: ClipModel, edited: ImagesLike, exemplar: ImagesLike, mask: Any 
     return _cos(_region_features(clip, x, masks, mode, margin), clip.image_features(y))
 
 
+@dataclass
+class Locality:
+    """How an edit splits between the region and the rest (the paper's Fig. 7 comparison).
+
+    ``mse_inside`` / ``mse_outside``: mean squared change over the pixels inside / outside the
+    mask (weighted by a soft mask), ``ratio`` = inside / outside (higher = more local; inf when
+    nothing changed outside), ``mse``: over the whole image. ``lpips``: None unless requested
+    and available; ``note`` says why not.
+    """
+
+    mse_inside: float
+    mse_outside: float
+    ratio: float
+    mse: float
+    lpips: float | None = None
+    note: str = ""
+
+
+def _image_batch(x: Any, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor image (C, H, W) or (B, C, H, W), "
+                         f"got {type(x).__name__}")
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise InputError(f"{name} must have shape (C, H, W) or (B, C, H, W), "
+                         f"got {tuple(x.shape)}")
+    return x.detach().to(torch.float64)
+
+
+def edit_locality(before: torch.Tensor, after: torch.Tensor, mask: Any, *,
+                  lpips: bool = False) -> Locality:
+    """MSE of ``after - before`` inside vs outside ``mask`` and their ratio.
+
+    Images (C, H, W) or (B, C, H, W) in [-1, 1], same shape; ``mask`` (H, W) (or with leading
+    singleton axes) in [0, 1] at the images' resolution, 1 = region. Soft masks weight pixels.
+    ``lpips=True`` adds LPIPS only if :func:`lpips_available` (the ``lpips`` package and cached
+    AlexNet weights); otherwise ``lpips`` stays None and ``note`` says why — nothing is
+    downloaded.
+    """
+    b = _image_batch(before, "before")
+    a = _image_batch(after, "after")
+    if b.shape != a.shape:
+        raise InputError(f"before and after must have the same shape, got {tuple(b.shape)} and "
+                         f"{tuple(a.shape)}")
+    m = as_mask(mask, tuple(b.shape[-2:]))
+    w_in = m.to(b)[None, None]
+    w_out = 1 - w_in
+    if float(w_in.sum()) == 0 or float(w_out.sum()) == 0:
+        raise InputError("mask must have pixels both inside and outside the region")
+    d2 = (a - b) ** 2
+    per = d2.shape[0] * d2.shape[1]
+    mse_in = float((d2 * w_in).sum() / (w_in.sum() * per))
+    mse_out = float((d2 * w_out).sum() / (w_out.sum() * per))
+    ratio = mse_in / mse_out if mse_out > 0 else (math.inf if mse_in > 0 else math.nan)
+    note = ""
+    value = None
+    if lpips:
+        available, note = lpips_available()
+        if available:
+            value = float(lpips_distance(b, a).mean())
+    return Locality(mse_inside=mse_in, mse_outside=mse_out, ratio=ratio,
+                    mse=float(d2.mean()), lpips=value, note=note)
+
+
 def mse_inside_outside(a: ImagesLike, b: ImagesLike, mask: Any) -> tuple[torch.Tensor,
                                                                          torch.Tensor]:
-    """(MSE inside, MSE outside) ``mask``, per image, via :func:`rbe.edit_locality` (symmetric)."""
-    from diffgeo.editing.rbe import edit_locality
-
+    """(MSE inside, MSE outside) ``mask``, per image, via :func:`edit_locality` (symmetric)."""
     x, y = _pair(a, b, "a", "b")
     masks = _masks(mask, x.shape[0], tuple(x.shape[-2:]))
     if masks is None:
@@ -463,8 +529,6 @@ def _local_metric(metric: str, package: str, weights: str, described: str) -> tu
 def lpips_available() -> tuple[bool, str]:
     """Whether LPIPS can run here without downloading: the ``lpips`` package, torchvision and
     its AlexNet weights in the torch hub cache. Returns (available, reason)."""
-    from diffgeo.editing.rbe import _ALEXNET_WEIGHTS
-
     return _local_metric("LPIPS", "lpips", _ALEXNET_WEIGHTS, "LPIPS (AlexNet, lpips package)")
 
 
@@ -708,4 +772,5 @@ def fid(images_a: Any, images_b: Any, *, device: str = "cpu", batch_size: int = 
 __all__ = ["CLIP_DEFAULT", "ClipModel", "clip_dir", "clip_diff", "clip_i", "clip_score",
            "clip_sim", "dino_sim", "fd_dino", "fid", "fid_available", "frechet_distance",
            "frechet_distance_from_stats", "frechet_stats", "inception_features",
-           "lpips_available", "lpips_distance", "mse_inside_outside", "psnr", "ssim"]
+           "lpips_available", "lpips_distance", "mse_inside_outside", "psnr", "ssim",
+           "Locality", "edit_locality", "image_psnr"]

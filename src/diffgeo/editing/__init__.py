@@ -1,55 +1,27 @@
-"""Editing methods over a Backbone; each returns a result dataclass with the settings used."""
+"""The three editing methods over a Backbone and a grid, and the removal baselines.
 
+Each method takes its inputs and settings and returns a result dataclass that records the
+settings used: region-based h-space directions (:mod:`~diffgeo.editing.rbe`), progressive
+exemplar editing (:mod:`~diffgeo.editing.pixels`), curve matching and its four tasks
+(:mod:`~diffgeo.editing.curve_matching`, :mod:`~diffgeo.editing.tasks`), and the inpainting
+baselines removal is judged by (:mod:`~diffgeo.editing.inpaint`). Building blocks (steps,
+projections, map preparation) stay in their modules.
+"""
+
+from diffgeo.editing.curve_matching import CurveMatchingConfig, CurveMatchingResult
+from diffgeo.editing.inpaint import mean_fill, repaint
+from diffgeo.editing.pixels import THRESHOLDS, PixelsResult, pixels_edit, pixels_iterative
 from diffgeo.editing.rbe import (
     Directions,
     EditResult,
-    Locality,
     apply_direction,
-    asymmetric_step,
-    directions_at,
     discover_directions,
-    edit_locality,
     global_directions,
-    masked_response,
-    project_out,
-    state_mask,
 )
+from diffgeo.editing.tasks import blend, remove, saliency, transfer
 
 __all__ = [
-    "Directions", "EditResult", "Locality", "apply_direction", "asymmetric_step",
-    "directions_at", "discover_directions", "edit_locality", "global_directions",
-    "masked_response", "project_out", "state_mask",
+    "THRESHOLDS", "CurveMatchingConfig", "CurveMatchingResult", "Directions", "EditResult",
+    "PixelsResult", "apply_direction", "blend", "discover_directions", "global_directions",
+    "mean_fill", "pixels_edit", "pixels_iterative", "remove", "repaint", "saliency", "transfer",
 ]
-
-from diffgeo.editing.pixels import (  # noqa: E402
-    THRESHOLDS,
-    PixelsResult,
-    edit_start,
-    grow_and_blur,
-    pixels_edit,
-    pixels_iterative,
-    place_exemplar,
-    prepare_map,
-    threshold_schedule,
-)
-
-__all__ += [
-    "THRESHOLDS", "PixelsResult", "edit_start", "grow_and_blur", "pixels_edit",
-    "pixels_iterative", "place_exemplar", "prepare_map", "threshold_schedule",
-]
-
-from diffgeo.editing.curve_matching import (  # noqa: E402
-    CurveMatchingConfig,
-    CurveMatchingResult,
-    curve_matching,
-)
-from diffgeo.editing.tasks import blend, boundary_band, remove, saliency, transfer  # noqa: E402
-
-__all__ += [
-    "CurveMatchingConfig", "CurveMatchingResult", "blend", "boundary_band", "curve_matching",
-    "remove", "saliency", "transfer",
-]
-
-from diffgeo.editing.inpaint import mean_fill, repaint  # noqa: E402
-
-__all__ += ["mean_fill", "repaint"]
