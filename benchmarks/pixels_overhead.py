@@ -92,13 +92,13 @@ def run_one(method: str, folder: Path, steps: int, strength: float, device: str)
                  guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
                  output_type="pt")
     else:
-        from diffgeo.editing import pixels_edit
+        from diffgeo.editing import PixelsConfig, pixels_edit
 
         def work():
             with torch.no_grad():
                 src, ex = bb.to_state(image), bb.to_state(exemplar)
-                res = pixels_edit(bb, src, [ex], [emap], generator=torch.Generator().manual_seed(0),
-                                  strength=strength, grid=steps)
+                res = pixels_edit(bb, src, [ex], [emap], PixelsConfig(strength=strength),
+                                  generator=torch.Generator().manual_seed(0), grid=steps)
                 bb.to_image(res.state)
     work()  # warm-up (first-call overheads belong to neither method)
     calls[0] = 0

@@ -10,6 +10,7 @@ import torch
 from diffgeo import sampling
 from diffgeo.editing.pixels import (
     THRESHOLDS,
+    PixelsConfig,
     edit_start,
     grow_and_blur,
     pixels_edit,
@@ -130,8 +131,8 @@ def test_edit_start_is_on_grid(pixel_bb):
 
 def test_all_ones_map_is_the_source_regenerated_from_the_same_noise(pixel_bb):
     src, ex = _states(pixel_bb, 2)
-    r = pixels_edit(pixel_bb, src, [ex], [torch.ones(16, 16)], generator=_gen(3),
-                    strength=0.6, grid=STEPS)
+    r = pixels_edit(pixel_bb, src, [ex], [torch.ones(16, 16)], PixelsConfig(strength=0.6),
+                    generator=_gen(3), grid=STEPS)
     g = _gen(3)
     z = torch.randn(src.shape, generator=g)
     # every step pins the noised source, so the output is the last DDIM step from it
@@ -145,8 +146,8 @@ def test_all_ones_map_is_the_source_regenerated_from_the_same_noise(pixel_bb):
 
 def test_all_zeros_map_is_sdedit_of_the_exemplar(pixel_bb):
     src, ex = _states(pixel_bb, 2)
-    r = pixels_edit(pixel_bb, src, [ex], [torch.zeros(16, 16)], generator=_gen(4),
-                    strength=0.5, grid=STEPS)
+    r = pixels_edit(pixel_bb, src, [ex], [torch.zeros(16, 16)], PixelsConfig(strength=0.5),
+                    generator=_gen(4), grid=STEPS)
     g = _gen(4)
     torch.randn(src.shape, generator=g)  # the source's draw comes first
     z = torch.randn(src.shape, generator=g)
@@ -162,8 +163,8 @@ def test_binary_map_first_latent_is_the_surgical_latent(which, pixel_bb, sd_bb):
     src, ex = _states(bb, 2)
     h, w = bb.state_shape[-2:]
     mu = _half_map(h, w)
-    r = pixels_edit(bb, src, [ex], [mu], generator=_gen(5), strength=0.8, grid=STEPS,
-                    record_states=True)
+    r = pixels_edit(bb, src, [ex], [mu], PixelsConfig(strength=0.8),
+                    generator=_gen(5), grid=STEPS, record_states=True)
     g = _gen(5)
     z1, z2 = torch.randn(src.shape, generator=g), torch.randn(src.shape, generator=g)
     t = r.timesteps[0]
@@ -181,8 +182,8 @@ def test_two_exemplars_equal_algorithm_2_by_hand(pixel_bb):
     src, e1, e2 = _states(bb, 3)
     mu1 = torch.rand(16, 16, generator=_gen(10))
     mu2 = torch.rand(16, 16, generator=_gen(11))
-    r = pixels_edit(bb, src, [e1, e2], [mu1, mu2], generator=_gen(6), strength=0.7,
-                    grid=STEPS)
+    r = pixels_edit(bb, src, [e1, e2], [mu1, mu2], PixelsConfig(strength=0.7),
+                    generator=_gen(6), grid=STEPS)
     g = _gen(6)
     z1, z2, z3 = (torch.randn(src.shape, generator=g) for _ in range(3))
     times = r.timesteps
@@ -211,8 +212,9 @@ def test_seed_determinism_and_generators_differ(pixel_bb):
     mu = _half_map(16, 16) * 0.7
 
     def run(seed):
-        return pixels_edit(pixel_bb, src, [ex], [mu], generator=_gen(seed), strength=0.5,
-                           grid=STEPS, threshold="sigmoid").state
+        return pixels_edit(pixel_bb, src, [ex], [mu],
+                           PixelsConfig(strength=0.5, threshold="sigmoid"),
+                           generator=_gen(seed), grid=STEPS).state
 
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b)
@@ -222,25 +224,26 @@ def test_seed_determinism_and_generators_differ(pixel_bb):
 def test_inverse_polarity_and_iterative(pixel_bb):
     src, e1, e2 = _states(pixel_bb, 3)
     mu = _half_map(16, 16)
-    a = pixels_edit(pixel_bb, src, [e1], [mu], generator=_gen(1), strength=0.5,
-                    grid=STEPS)
-    b = pixels_edit(pixel_bb, src, [e1], [1 - mu], generator=_gen(1), strength=0.5,
-                    grid=STEPS, invert_maps=True)
+    a = pixels_edit(pixel_bb, src, [e1], [mu], PixelsConfig(strength=0.5),
+                    generator=_gen(1), grid=STEPS)
+    b = pixels_edit(pixel_bb, src, [e1], [1 - mu], PixelsConfig(strength=0.5, invert_maps=True),
+                    generator=_gen(1), grid=STEPS)
     assert torch.equal(a.state, b.state)
     res = pixels_iterative(pixel_bb, src, [e1, e2], [mu, _half_map(16, 16, False)],
-                           generator=_gen(2), strength=0.5, grid=STEPS)
+                           PixelsConfig(strength=0.5),
+                           generator=_gen(2), grid=STEPS)
     assert len(res) == 2 and res[0].state.shape == src.shape
 
 
 def test_guidance_on_sd(sd_bb):
     src, ex = _states(sd_bb, 2)
     mu = _half_map(*sd_bb.state_shape[-2:])
-    kw = dict(generator=_gen(1), strength=0.5, grid=5)
-    r = pixels_edit(sd_bb, src, [ex], [mu], cond=sd_bb.condition("a cat"),
-                    uncond=sd_bb.condition(""), guidance_scale=3.0, **kw)
+    kw = dict(generator=_gen(1), grid=5)
+    r = pixels_edit(sd_bb, src, [ex], [mu], PixelsConfig(strength=0.5, guidance_scale=3.0),
+                    cond=sd_bb.condition("a cat"), uncond=sd_bb.condition(""), **kw)
     assert bool(torch.isfinite(r.state).all())
     with pytest.raises(InputError, match="guidance_scale"):
-        pixels_edit(sd_bb, src, [ex], [mu], guidance_scale=3.0, **kw)
+        pixels_edit(sd_bb, src, [ex], [mu], PixelsConfig(strength=0.5, guidance_scale=3.0), **kw)
 
 
 def test_input_errors(pixel_bb):

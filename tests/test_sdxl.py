@@ -113,15 +113,15 @@ def test_sdxl_eps_h_and_eps_from_h_agree_with_the_unet(sdxl):
 
 
 def test_pixels_edit_runs_on_sdxl_with_a_prompt_and_guidance(sdxl):
-    from diffgeo.editing import pixels_edit
+    from diffgeo.editing import PixelsConfig, pixels_edit
 
     g = torch.Generator().manual_seed(0)
     src = torch.randn(1, 4, 8, 8, generator=g)
     ex = torch.randn(1, 4, 8, 8, generator=g)
     m = torch.ones(1, 1, 16, 16)
     m[..., 4:12, 4:12] = 0
-    kw = dict(strength=0.6, num_steps=10, cond=sdxl.condition("a cube"), guidance_scale=3.0,
-              uncond=sdxl.condition(""))
+    kw = dict(config=PixelsConfig(strength=0.6, guidance_scale=3.0), grid=10,
+              cond=sdxl.condition("a cube"), uncond=sdxl.condition(""))
     a = pixels_edit(sdxl, src, [ex], [m], generator=torch.Generator().manual_seed(1), **kw)
     b = pixels_edit(sdxl, src, [ex], [m], generator=torch.Generator().manual_seed(1), **kw)
     c = pixels_edit(sdxl, src, [ex], [m], generator=torch.Generator().manual_seed(2), **kw)

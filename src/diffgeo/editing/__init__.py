@@ -10,7 +10,13 @@ projections, map preparation) stay in their modules.
 
 from diffgeo.editing.curve_matching import CurveMatchingConfig, CurveMatchingResult
 from diffgeo.editing.inpaint import mean_fill, repaint
-from diffgeo.editing.pixels import THRESHOLDS, PixelsResult, pixels_edit, pixels_iterative
+from diffgeo.editing.pixels import (
+    THRESHOLDS,
+    PixelsConfig,
+    PixelsResult,
+    pixels_edit,
+    pixels_iterative,
+)
 from diffgeo.editing.rbe import (
     Directions,
     EditResult,
@@ -22,6 +28,7 @@ from diffgeo.editing.tasks import blend, remove, saliency, transfer
 
 __all__ = [
     "THRESHOLDS", "CurveMatchingConfig", "CurveMatchingResult", "Directions", "EditResult",
-    "PixelsResult", "apply_direction", "blend", "discover_directions", "global_directions",
-    "mean_fill", "pixels_edit", "pixels_iterative", "remove", "repaint", "saliency", "transfer",
+    "PixelsConfig", "PixelsResult", "apply_direction", "blend", "discover_directions",
+    "global_directions", "mean_fill", "pixels_edit", "pixels_iterative", "remove", "repaint",
+    "saliency", "transfer",
 ]

@@ -64,7 +64,7 @@ THRESHOLDS: tuple[str, ...] = ("linear", "quadratic", "cubic", "log1p", "sigmoid
 ThresholdFn = Callable[[int, int], float]
 
 __all__ = [
-    "THRESHOLDS", "PixelsResult", "edit_start", "grow_and_blur", "pixels_edit",
+    "THRESHOLDS", "PixelsConfig", "PixelsResult", "edit_start", "grow_and_blur", "pixels_edit",
     "pixels_iterative", "place_exemplar", "prepare_map", "threshold_schedule",
 ]
 
@@ -228,14 +228,12 @@ def edit_start(backbone: Backbone, strength: float,
     """(t_start, executed timesteps descending) with diffusers' img2img rule: the lowest
     int(num_steps·strength) points of the model's grid, so the same strength does the same
     work (and the same timesteps) in both."""
-    g = _executed(backbone, strength, grid)
+    g = _executed(backbone, PixelsConfig(strength=strength).strength, grid)
     return g.top, list(reversed(g.timesteps))
 
 
 def _executed(backbone: Backbone, strength: float, grid: Grid | int | None) -> Grid:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
-            or not 0 < strength <= 1:
-        raise InputError(f"strength must be a number in (0, 1], got {strength!r}")
+    """The grid points a (checked) strength executes."""
     g = Grid.resolve(backbone, grid)
     n = min(int(g.num_steps * strength), len(g))
     if n < 1:
@@ -282,21 +280,56 @@ def _check_states(backbone: Backbone, source: torch.Tensor, exemplars: Sequence[
             raise InputError(f"{nm} contains NaN or infinite values")
 
 
+@dataclass(frozen=True)
+class PixelsConfig:
+    """Settings of progressive exemplar editing (the PIXELS paper's defaults), checked when
+    made: ``strength`` in (0, 1] (the paper's t_ds^max: the share of the grid executed),
+    ``threshold`` one of :data:`THRESHOLDS` or a callable ``f(i, N)``, ``guidance_scale``
+    >= 1 (classifier-free guidance on a conditional model), ``invert_maps`` for maps drawn
+    with 1 = take exemplar."""
+
+    strength: float = 0.8
+    threshold: str | ThresholdFn = "linear"
+    guidance_scale: float = 1.0
+    invert_maps: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.strength, bool) or not isinstance(self.strength, int | float) \
+                or not 0 < self.strength <= 1:
+            raise InputError(f"strength must be a number in (0, 1], got {self.strength!r}")
+        if isinstance(self.threshold, str) and self.threshold not in THRESHOLDS:
+            raise InputError(f"threshold must be one of {'|'.join(THRESHOLDS)} or a callable "
+                             f"f(i, N), got {self.threshold!r}")
+        if not isinstance(self.threshold, str) and not callable(self.threshold):
+            raise InputError(f"threshold must be a name ({'|'.join(THRESHOLDS)}) or a callable "
+                             f"f(i, N), got {type(self.threshold).__name__}")
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, int | float) or not g >= 1:
+            raise InputError(f"guidance_scale must be a number >= 1, got {g!r}")
+        if not isinstance(self.invert_maps, bool):
+            raise InputError(f"invert_maps must be true or false, got {self.invert_maps!r}")
+
+
 @torch.no_grad()
 def pixels_edit(backbone: Backbone, source: torch.Tensor, exemplars: Sequence[torch.Tensor],
-                maps: Sequence[Any], *, generator: torch.Generator, strength: float = 0.8,
-                grid: Grid | int | None = None, threshold: str | ThresholdFn = "linear",
-                cond: Conditioning | None = None, guidance_scale: float = 1.0,
-                uncond: Conditioning | None = None, invert_maps: bool = False,
+                maps: Sequence[Any], config: PixelsConfig | None = None, *,
+                generator: torch.Generator, grid: Grid | int | None = None,
+                cond: Conditioning | None = None, uncond: Conditioning | None = None,
                 record_states: bool = False) -> PixelsResult:
     """Progressive exemplar editing of ``source`` with any number of exemplars in one pass.
 
     ``source`` and each exemplar are *states* (``backbone.to_state`` of images in [-1, 1]) of
     batch 1; ``maps`` holds one edit map per exemplar (1 = keep source, 0 = take exemplar;
-    ``invert_maps`` for the opposite). ``generator`` is required: it supplies the one noise draw
-    per image (source first, then exemplars in order). See the module docstring for the loop.
-    ``guidance_scale`` > 1 needs ``uncond`` (the empty-prompt conditioning) and ``cond``.
+    ``config.invert_maps`` for the opposite). ``generator`` is required: it supplies the one
+    noise draw per image (source first, then exemplars in order). ``grid``: a Grid or a number
+    of steps on the model's grid (default 50). See the module docstring for the loop.
+    ``config.guidance_scale`` > 1 needs ``uncond`` (the empty-prompt conditioning) and ``cond``.
     """
+    cfg = config or PixelsConfig()
+    if not isinstance(cfg, PixelsConfig):
+        raise InputError(f"config must be a PixelsConfig, got {type(cfg).__name__}")
+    strength, threshold = cfg.strength, cfg.threshold
+    guidance_scale, invert_maps = cfg.guidance_scale, cfg.invert_maps
     _check_states(backbone, source, exemplars)
     if isinstance(maps, torch.Tensor) and maps.ndim == 4 and len(exemplars) == 1 \
             and maps.shape[0] == 1:
@@ -308,9 +341,6 @@ def pixels_edit(backbone: Backbone, source: torch.Tensor, exemplars: Sequence[to
     if not isinstance(generator, torch.Generator):
         raise InputError("generator must be a torch.Generator (explicit RNG: "
                          "torch.Generator().manual_seed(N))")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-            or not guidance_scale >= 1:
-        raise InputError(f"guidance_scale must be a number >= 1, got {guidance_scale!r}")
     if guidance_scale > 1 and (cond is None or uncond is None):
         raise InputError("guidance_scale > 1 needs a conditional model, a prompt (cond) and the "
                          "empty-prompt conditioning (uncond)")
@@ -366,11 +396,13 @@ def pixels_edit(backbone: Backbone, source: torch.Tensor, exemplars: Sequence[to
 
 
 def pixels_iterative(backbone: Backbone, source: torch.Tensor,
-                     exemplars: Sequence[torch.Tensor], maps: Sequence[Any], *,
-                     generator: torch.Generator, **kwargs: Any) -> list[PixelsResult]:
+                     exemplars: Sequence[torch.Tensor], maps: Sequence[Any],
+                     config: PixelsConfig | None = None, *, generator: torch.Generator,
+                     **kwargs: Any) -> list[PixelsResult]:
     """One exemplar per pass (Appendix §2): pass k edits the output of pass k-1 with exemplar k.
 
-    Noise for every pass comes from the same ``generator``, consumed in pass order. Returns one
+    Every pass takes ``config`` and the keywords of :func:`pixels_edit`. Noise for every pass
+    comes from the same ``generator``, consumed in pass order. Returns one
     :class:`PixelsResult` per pass; the last one's ``state`` is the final edit.
     """
     _check_states(backbone, source, exemplars)
@@ -379,7 +411,7 @@ def pixels_iterative(backbone: Backbone, source: torch.Tensor,
     results = []
     x = source
     for e, m in zip(exemplars, maps, strict=True):
-        r = pixels_edit(backbone, x, [e], [m], generator=generator, **kwargs)
+        r = pixels_edit(backbone, x, [e], [m], config, generator=generator, **kwargs)
         results.append(r)
         x = r.state
     return results
