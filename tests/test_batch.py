@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffgeo.batch import MARKER, main, read_jobs, run_batch
+from diffgeo.batch import MARKER, read_jobs, run_batch
 from diffgeo.evaluate import evaluate_results, format_table
 
 
 def _job(tiny: Path, image: Path, job_id: str, t: int = 300) -> str:
-    return json.dumps({"task": "invert", "id": job_id, "image": str(image), "model": str(tiny),
-                       "t": t, "num_steps": 10, "fit": "crop"})
+    return json.dumps({"verb": "invert", "id": job_id, "image": str(image), "model": str(tiny),
+                       "t": t, "steps": 10, "fit": "crop"})
 
 
 def _records(out: Path) -> dict[str, dict]:
@@ -64,39 +64,41 @@ def test_resume_reruns_only_unfinished_changed_and_new_jobs(tmp_path, tiny, imag
     assert json.loads((out / "a" / "settings.json").read_text())["t"] == 500
 
 
-def test_bad_lines_reported_with_line_numbers_others_run(tmp_path, tiny, image, capsys):
+def test_bad_lines_reported_with_line_numbers_others_run(tmp_path, tiny, image, cli):
+    from diffgeo.cli import app
+
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join([
         _job(tiny, image, "ok1"),
         "{not json",
         "",
         "# a comment",
-        json.dumps({"task": "blur", "image": str(image)}),
-        json.dumps({"task": "invert", "image": str(image), "bogus": 1}),
-        json.dumps({"task": "invert", "image": str(image), "out": "x"}),
-        json.dumps({"task": "apply", "image": str(image)}),
-        json.dumps({"task": "invert", "image": str(tmp_path / "missing.png"),
+        json.dumps({"verb": "blur", "image": str(image)}),
+        json.dumps({"verb": "invert", "image": str(image), "bogus": 1}),
+        json.dumps({"verb": "invert", "image": str(image), "out": "x"}),
+        json.dumps({"verb": "apply", "image": str(image)}),
+        json.dumps({"verb": "invert", "image": str(tmp_path / "missing.png"),
                     "model": str(tiny)}),
         _job(tiny, image, "ok2"),
     ]) + "\n")
     parsed = read_jobs(jobs)
     assert [j.line for j in parsed] == [1, 2, 5, 6, 7, 8, 9, 10]
     out = tmp_path / "out"
-    rc = main([str(jobs), "--out", str(out), "--device", "cpu"])
-    assert rc == 1  # a lone process reports failed jobs through its exit status
+    res = cli.invoke(app, ["batch", str(jobs), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 1  # a lone process reports failed jobs through its exit status
     recs = _records(out)
     assert recs["ok1"]["status"] == recs["ok2"]["status"] == "done"
     errors = {r["line"]: r["error"] for r in recs.values() if r["status"] == "failed"}
     assert set(errors) == {2, 5, 6, 7, 8, 9}
     assert errors[2].startswith("line 2: invalid JSON")
-    assert errors[5].startswith("line 5: unknown task 'blur'")
-    assert errors[6].startswith("line 6: unknown argument(s) bogus")
+    assert errors[5].startswith("line 5: unknown verb 'blur'")
+    assert errors[6].startswith("line 6: verb 'invert': unknown option(s) bogus")
     assert errors[7].startswith("line 7: out may not be given")
-    assert errors[8].startswith("line 8: task 'apply' needs directions")
+    assert errors[8].startswith("line 8: verb 'apply': needs directions")
     assert errors[9].startswith("line 9: ") and "missing.png" in errors[9]
     assert recs["job-0002"]["line"] == 2
-    printed = capsys.readouterr().out
-    assert "line 5: unknown task 'blur'" in printed and "2 done" in printed
+    printed = res.output
+    assert "line 5: unknown verb 'blur'" in printed and "2 done" in printed
 
 
 def _launcher_env() -> dict[str, str]:
@@ -204,11 +206,11 @@ def test_cli_batch_then_evaluate(tmp_path, tiny, image, cli):
     from diffgeo.cli import app
 
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(_job(tiny, image, "a") + "\n" + json.dumps({"task": "nope"}) + "\n")
+    jobs.write_text(_job(tiny, image, "a") + "\n" + json.dumps({"verb": "nope"}) + "\n")
     out = tmp_path / "out"
     res = cli.invoke(app, ["batch", str(jobs), "--out", str(out), "--device", "cpu"])
     assert res.exit_code == 1, res.output
-    assert "a: done" in res.output and "line 2: unknown task 'nope'" in res.output
+    assert "a: done" in res.output and "line 2: unknown verb 'nope'" in res.output
     assert "1 done" in res.output and "1 failed" in res.output
     res = cli.invoke(app, ["batch", str(jobs), "--out", str(out), "--device", "cpu"])
     assert "a: skipped" in res.output

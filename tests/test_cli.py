@@ -18,8 +18,8 @@ from conftest import _assert_user_error
 from PIL import Image
 from typer.testing import CliRunner
 
+from diffgeo import verbs
 from diffgeo.cli import app
-from diffgeo.runs import invert_image
 from diffgeo.train import build_unet
 
 VERBS = ("info", "invert", "train", "demo")
@@ -217,10 +217,10 @@ def test_invert_bad_inputs(cli, tiny, image, tmp_path, monkeypatch, case):
 
 def test_python_api_matches_the_cli(tiny, image, inverted):
     settings = json.loads((inverted / "settings.json").read_text())
-    res = invert_image(image, model=str(tiny), t=500, num_steps=10, fit="crop")
+    res = verbs.run("invert", image=image, model=str(tiny), t=500, steps=10, fit="crop")
     # Same model, input and deterministic CPU kernels: equal up to float summation order.
-    assert res["psnr"] == pytest.approx(settings["psnr"], abs=1e-6)
-    assert res["grid"] == settings["grid"]
+    assert res.psnr == pytest.approx(settings["psnr"], abs=1e-6)
+    assert res.settings["grid"] == settings["grid"]
 
 
 # ------------------------------------------------------------------------------ train
@@ -259,13 +259,14 @@ def test_info_and_invert_on_a_tiny_stable_diffusion_folder(cli, sd_path, tmp_pat
     img = tmp_path / "in.png"
     Image.fromarray((np.random.default_rng(0).random((20, 24, 3)) * 255).astype("uint8")).save(img)
     out = tmp_path / "sd-invert"
-    r = cli.invoke(app, ["invert", str(img), "--model", str(sd_path), "--t", "500", "--steps",
+    # SD's scheduler has steps_offset=1: its 10-step grid is 1, 101, ..., 901, as diffusers'.
+    r = cli.invoke(app, ["invert", str(img), "--model", str(sd_path), "--t", "501", "--steps",
                          "10", "--fit", "crop", "--exact", "--out", str(out)], env=ENV)
     assert r.exit_code == 0, r.output
     settings = json.loads((out / "settings.json").read_text())
     assert settings["model_summary"]["kind"] == "latent"
     plain_out = tmp_path / "sd-invert-plain"
-    r = cli.invoke(app, ["invert", str(img), "--model", str(sd_path), "--t", "500",
+    r = cli.invoke(app, ["invert", str(img), "--model", str(sd_path), "--t", "501",
                          "--steps", "10", "--fit", "crop", "--out", str(plain_out)], env=ENV)
     assert r.exit_code == 0, r.output
     plain = json.loads((plain_out / "settings.json").read_text())

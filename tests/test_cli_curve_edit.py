@@ -109,10 +109,10 @@ def test_curve_tasks_run_in_batch_and_evaluate(tiny, image, mask_file, tmp_path)
     from diffgeo.evaluate import evaluate_results
 
     common = {"image": str(image), "model": str(tiny), "mask": str(mask_file), "t": 500,
-              "num_steps": 10, "iterations": 2, "fit": "crop"}
+              "steps": 10, "iterations": 2, "fit": "crop"}
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(json.dumps({"task": "remove", **common}) + "\n"
-                    + json.dumps({"task": "adjust-saliency", "direction": "increase", **common})
+    jobs.write_text(json.dumps({"verb": "remove", **common}) + "\n"
+                    + json.dumps({"verb": "adjust-saliency", "increase": True, **common})
                     + "\n")
     summary = run_batch(jobs, tmp_path / "res")
     assert summary.count("done") == 2, summary.line()
@@ -126,8 +126,10 @@ def test_curve_tasks_run_in_batch_and_evaluate(tiny, image, mask_file, tmp_path)
 @pytest.mark.parametrize("verb, extra", [("remove", []), ("adjust-saliency", ["--increase"])])
 def test_verbs_take_a_prompt_on_a_latent_model(cli, sd_path, image, tmp_path, verb, extra):
     out = tmp_path / "out"
+    # SD's scheduler has steps_offset=1: its 10-step grid is 1, 101, ..., 901 (diffusers').
     r = cli.invoke(app, [verb, str(image), "--model", str(sd_path), "--box", "4,4,10,10",
-                         *FAST, "--prompt", "a red cube", "--out", str(out), *extra], env=ENV)
+                         *FAST, "--t", "501", "--prompt", "a red cube", "--out", str(out),
+                         *extra], env=ENV)
     assert r.exit_code == 0, r.output
     s = json.loads((out / "settings.json").read_text())
     assert s["prompt"] == "a red cube"

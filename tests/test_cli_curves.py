@@ -18,13 +18,12 @@ from conftest import _assert_user_error
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffgeo import ddim
+from diffgeo import ddim, verbs
 from diffgeo.backbones import load_backbone
 from diffgeo.cli import app
 from diffgeo.curves import DEFINITIONS, generation_curves, pixel_component
 from diffgeo.io import load_image
 from diffgeo.maps import RateMaps, saliency_map
-from diffgeo.runs import curves_for_image
 
 ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "HF_HUB_OFFLINE": "1"}
 STEPS = 10
@@ -68,7 +67,7 @@ def _saliency_args(image: Path, model: Path, out: Path, *extra) -> list:
 
 
 def _components(mask: Path) -> list:
-    # No --row here: see test_row_and_column_through_a_crop (a bug in runs.curves_for_image).
+    # No --row here: see test_row_and_column_through_a_crop (a bug in the old curves verb).
     (p1, _), (p2, _) = PIXELS.items()
     return ["--pixel", f"{p1[0]},{p1[1]}", "--pixel", f"{p2[0]},{p2[1]}", "--col", COL,
             "--box", ",".join(map(str, BOX)), "--mask", mask]
@@ -128,14 +127,14 @@ def test_curves_writes_csv_npz_png_and_settings(curves_h, image):
 
 
 def test_curves_npz_equals_the_python_api(curves_h, tiny, image, mask):
-    res = curves_for_image(image, model=str(tiny), pixels=list(PIXELS), mask=mask, box=BOX,
-                           cols=[COL], definition="h", num_steps=STEPS, fit="crop")
-    c = res["curves"]["h"]
+    res = verbs.run("curves", image=image, model=str(tiny), pixel=tuple(PIXELS), mask=mask,
+                    box=BOX, col=(COL,), definition="h", steps=STEPS, fit="crop")
+    c = res.curves["h"]
     assert c.labels == LABELS and c.timesteps == GRID
     with np.load(curves_h / "curves.npz") as z:
         np.testing.assert_allclose(z["values_h"], c.values.numpy(), rtol=1e-6, atol=0)
     saved = json.loads((curves_h / "settings.json").read_text())["fluctuation"]["h"]
-    for lab, f in res["fluctuation"]["h"].items():
+    for lab, f in res.settings["fluctuation"]["h"].items():
         assert saved[lab] == pytest.approx(f, rel=1e-6)
 
 

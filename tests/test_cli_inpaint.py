@@ -75,8 +75,8 @@ def test_inpaint_runs_in_batch_and_is_evaluated(tiny, square, tmp_path):
     from diffgeo.evaluate import evaluate_results
 
     jobs = tmp_path / "JOBS.jsonl"
-    lines = [{"task": "inpaint", "id": f"fill-{m}", "image": str(square), "model": str(tiny),
-              "box": [4, 5, 10, 12], "method": m, "num_steps": 5, "resample": 1}
+    lines = [{"verb": "inpaint", "id": f"fill-{m}", "image": str(square), "model": str(tiny),
+              "box": [4, 5, 10, 12], "method": m, "steps": 5, "resample": 1}
              for m in ("repaint", "mean-fill")]
     jobs.write_text("".join(json.dumps(x) + "\n" for x in lines))
     summary = run_batch(jobs, tmp_path / "results")

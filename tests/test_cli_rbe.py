@@ -62,12 +62,12 @@ def test_apply_matches_the_python_api_and_reports_locality(setup, tmp_path):
     assert [loc["strength"] for loc in s["locality"]] == [-20, 0, 20]
     zero = s["locality"][1]
     assert zero["mse_inside"] == 0 and zero["mse_outside"] == 0  # α = 0 is the reconstruction
-    from diffgeo.runs import apply_for_image
+    from diffgeo import verbs
 
-    res = apply_for_image(img, directions=out / "directions", model=str(root / "model"),
-                          index=1, strengths=[20.0])
+    res = verbs.run("apply", image=img, directions=out / "directions", model=str(root / "model"),
+                    index=1, strength=(20.0,))
     edited = np.asarray(Image.open(dest / "edit-2.png"), dtype=np.float32)
-    ours = ((res["edit"].images[0].permute(1, 2, 0).numpy() + 1) * 127.5)
+    ours = ((res.edit.images[0].permute(1, 2, 0).numpy() + 1) * 127.5)
     assert np.abs(edited - ours).max() <= 1.0  # PNG rounding
 
 

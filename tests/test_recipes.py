@@ -74,11 +74,11 @@ def test_emu_jobs(emu_data, tmp_path):
                           iterations=5, steps=10)
     got = lines(tmp_path / "out" / "JOBS.jsonl")
     assert [j["id"] for j in got] == [f"remove-e{i}" for i in range(5)]  # task 5 left out
-    assert {j["task"] for j in got} == {"remove"}
+    assert {j["verb"] for j in got} == {"remove"}
     assert got[0]["image"] == str(emu_data / "images" / "0.png")
     assert got[0]["mask"] == str(emu_data / "masks" / "0.png")
     assert got[1]["reference"] == [1, 2] and "reference" not in got[0]
-    assert all(j["iterations"] == 5 and j["num_steps"] == 10 and j["model"] == "m"
+    assert all(j["iterations"] == 5 and j["steps"] == 10 and j["model"] == "m"
                and j["fit"] == "crop" for j in got)
     resized = Path(got[3]["mask"])
     assert resized.parent == tmp_path / "out" / "inputs" / "masks"
@@ -139,7 +139,7 @@ def test_iharmony_jobs(iharmony, tmp_path):
                                       "blend-HCOCO-c2_1_1", "blend-Hday2night-d9-2_3_1"]
     assert got[1]["image"] == str(iharmony / "HCOCO" / "composite_images" / "c1_1_2.jpg")
     assert got[1]["mask"] == str(iharmony / "HCOCO" / "masks" / "c1_1.png")
-    assert all(j["task"] == "blend" and j["iterations"] == 7 for j in got)
+    assert all(j["verb"] == "blend" and j["iterations"] == 7 for j in got)
     assert plan.extras[got[0]["id"]]["text"] == ih.TEXT
     check_valid(plan.files[0], 4)
     one = ih.write_jobs(iharmony, tmp_path / "one", subsets=["Hday2night"])
@@ -177,9 +177,9 @@ def test_celebahq_jobs(celeba, tmp_path):
                                     "directions-mouth-02001"]
     assert [j["id"] for j in a] == [j["id"].replace("directions", "apply") for j in d]
     assert d[0]["image"] == str(celeba / "CelebA-HQ-img" / "0.jpg")
-    assert d[0]["k"] == 2 and d[0]["t"] == 500 and d[0]["num_steps"] == 10
+    assert d[0]["k"] == 2 and d[0]["t"] == 500 and d[0]["steps"] == 10
     assert a[3]["directions"] == str(out / "results" / "directions-eyes-02001" / "directions")
-    assert a[0]["strengths"] == [-20.0, 20.0] and a[0]["mask"] == d[0]["mask"]
+    assert a[0]["strength"] == [-20.0, 20.0] and a[0]["mask"] == d[0]["mask"]
     # the eye region: union of both eyes, at the image's size
     m = np.asarray(Image.open(d[0]["mask"]))
     assert m.shape == (32, 32) and m[9, 7] == 255 and m[9, 21] == 255 and m[0, 0] == 0
@@ -221,10 +221,10 @@ def test_imagenet_pairs(imagenet, tmp_path):
     got = lines(tmp_path / "out" / "JOBS.jsonl")
     assert [j["id"] for j in got] == [f"pair-{n:05d}" for n in range(8)]
     for j in got:
-        assert j["task"] == "exemplar" and j["strength"] == 0.6
-        assert j["source"] != j["exemplars"][0]
+        assert j["verb"] == "exemplar" and j["strength"] == 0.6
+        assert j["source"] != j["exemplar"][0]
         assert Path(j["source"]).suffix == ".JPEG" and Path(j["source"]).parent.parent == imagenet
-        mp = np.asarray(Image.open(j["maps"][0]))
+        mp = np.asarray(Image.open(j["map"][0]))
         assert mp.shape == ie.C.image_size(Path(j["source"]))  # drawn on the source
         assert mp.min() == 0 and mp.max() == 255  # take the exemplar inside, keep outside
         assert plan.extras[j["id"]]["region_invert"] is True
@@ -232,12 +232,12 @@ def test_imagenet_pairs(imagenet, tmp_path):
     assert len({j["source"] for j in got[:6]}) == 6
     check_valid(plan.files[0], 8)
     same = ie.write_jobs(imagenet, tmp_path / "same", limit=8, seed=3, strength=0.6)
-    key = [(j["source"], j["exemplars"]) for j in same.jobs]
-    assert key == [(j["source"], j["exemplars"]) for j in got]
+    key = [(j["source"], j["exemplar"]) for j in same.jobs]
+    assert key == [(j["source"], j["exemplar"]) for j in got]
     prefix = ie.write_jobs(imagenet, tmp_path / "prefix", limit=3, seed=3)
-    assert [(j["source"], j["exemplars"]) for j in prefix.jobs] == key[:3]
+    assert [(j["source"], j["exemplar"]) for j in prefix.jobs] == key[:3]
     other = ie.write_jobs(imagenet, tmp_path / "other", limit=8, seed=4)
-    assert [(j["source"], j["exemplars"]) for j in other.jobs] != key
+    assert [(j["source"], j["exemplar"]) for j in other.jobs] != key
 
 
 def test_imagenet_map_folder_and_exemplar_folder(imagenet, tmp_path):
@@ -248,8 +248,8 @@ def test_imagenet_map_folder_and_exemplar_folder(imagenet, tmp_path):
     save_rgb(ex / "one.png")
     plan = ie.write_jobs(imagenet, tmp_path / "out", limit=2, exemplars=ex, maps=maps)
     for j in plan.jobs:
-        assert j["exemplars"] == [str(ex / "one.png")]
-        m = np.asarray(Image.open(j["maps"][0]))
+        assert j["exemplar"] == [str(ex / "one.png")]
+        m = np.asarray(Image.open(j["map"][0]))
         assert m.shape == ie.C.image_size(Path(j["source"]))
         assert m[0, 0] == 255 and m[-1, -1] == 0
     check_valid(plan.files[0], 2)

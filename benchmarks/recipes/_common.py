@@ -257,7 +257,7 @@ def paper_metrics(results: Path, extras: dict[str, dict[str, Any]], *, clip: str
     if not extras or (clip is None and dino is None):
         return []
     from diffgeo import metrics as M
-    from diffgeo.batch import completed_jobs
+    from diffgeo.batch import completed_jobs, job_verb
     from diffgeo.errors import InputError
     from diffgeo.evaluate import Row
     from diffgeo.io import load_image, load_mask
@@ -281,7 +281,7 @@ def paper_metrics(results: Path, extras: dict[str, dict[str, Any]], *, clip: str
         d = results / jid
         if not ex or not (d / "input.png").is_file() or not (d / "result.png").is_file():
             continue
-        task = spec["task"]
+        task = job_verb(spec)
         try:
             before, after = load_image(d / "input.png")[0], load_image(d / "result.png")[0]
             region = None

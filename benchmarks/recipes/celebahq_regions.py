@@ -128,13 +128,13 @@ def write_jobs(data: Path, out: Path, *, model: str = "default", limit: int | No
             image = str(data / IMAGES / f"{i}.jpg")
             if not shared or source_id is None:
                 source_id = C.job_id("directions", name, f"{i:05d}")
-                discover.append({"task": "directions", "id": source_id, "image": image,
-                                 "mask": str(mask), **opts, "t": t, "num_steps": steps,
+                discover.append({"verb": "directions", "id": source_id, "image": image,
+                                 "mask": str(mask), **opts, "t": t, "steps": steps,
                                  "k": k, "preview": strengths})
             aid = C.job_id("apply", name, f"{i:05d}")
-            apply.append({"task": "apply", "id": aid, "image": image,
+            apply.append({"verb": "apply", "id": aid, "image": image,
                           "directions": str(results / source_id / "directions"), **opts,
-                          "index": index, "strengths": strengths, "mask": str(mask)})
+                          "index": index, "strength": strengths, "mask": str(mask)})
         if source_id is None:
             print(f"note: no selected image has a {name} mask ({'+'.join(parts)})")
     if not apply:

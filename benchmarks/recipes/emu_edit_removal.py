@@ -159,8 +159,8 @@ def write_jobs(data: Path, out: Path, *, model: str = "default", limit: int | No
         r = rows[i]
         jid = C.job_id("remove", r["id"])
         mask = C.mask_on_image(r["mask"], r["image"], out / "inputs" / "masks", f"{jid}.png")
-        job: dict[str, Any] = {"task": "remove", "id": jid, "image": str(r["image"]),
-                               "mask": str(mask), **opts, "t": 700, "num_steps": steps,
+        job: dict[str, Any] = {"verb": "remove", "id": jid, "image": str(r["image"]),
+                               "mask": str(mask), **opts, "t": 700, "steps": steps,
                                "lr": 0.02}
         if iterations is not None:
             job["iterations"] = iterations

@@ -42,12 +42,12 @@ def write_jobs(path: Path, files: list[dict], steps: int, model: str) -> None:
     lines = []
     n = len(files)
     for i, f in enumerate(files):
-        lines.append({"task": "invert", "id": f"invert-{i:03d}", "image": f["composite"],
-                      "model": model, "t": 700, "num_steps": steps, "exact": True})
+        lines.append({"verb": "invert", "id": f"invert-{i:03d}", "image": f["composite"],
+                      "model": model, "t": 700, "steps": steps, "exact": True})
         j = (i + 1) % n
-        lines.append({"task": "exemplar", "id": f"exemplar-{i:03d}", "source": f["composite"],
-                      "exemplars": [files[j]["composite"]], "maps": [files[j]["keep"]],
-                      "model": model, "strength": 0.6, "num_steps": steps})
+        lines.append({"verb": "exemplar", "id": f"exemplar-{i:03d}", "source": f["composite"],
+                      "exemplar": [files[j]["composite"]], "map": [files[j]["keep"]],
+                      "model": model, "strength": 0.6, "steps": steps})
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 

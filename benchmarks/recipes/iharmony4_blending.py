@@ -110,8 +110,8 @@ def write_jobs(data: Path, out: Path, *, model: str = "default", limit: int | No
         jid = C.job_id("blend", it["subset"], it["name"])
         mask = C.mask_on_image(it["mask"], it["composite"], out / "inputs" / "masks",
                                f"{jid}.png")
-        job: dict[str, Any] = {"task": "blend", "id": jid, "image": str(it["composite"]),
-                               "mask": str(mask), **opts, "t": 700, "num_steps": steps}
+        job: dict[str, Any] = {"verb": "blend", "id": jid, "image": str(it["composite"]),
+                               "mask": str(mask), **opts, "t": 700, "steps": steps}
         if iterations is not None:
             job["iterations"] = iterations
         plan.jobs.append(job)

@@ -112,9 +112,9 @@ def write_jobs(data: Path, out: Path, *, model: str = "default", limit: int | No
         else:
             edit_map = C.resize_mask(C.mask_array(map_list[m]), size, smooth=True)
         map_path = C.save_mask(edit_map, out / "inputs" / "maps" / f"{jid}.png")
-        plan.jobs.append({"task": "exemplar", "id": jid, "source": str(src),
-                          "exemplars": [str(ex_list[e])], "maps": [str(map_path)], **opts,
-                          "strength": strength, "num_steps": steps, "threshold": threshold})
+        plan.jobs.append({"verb": "exemplar", "id": jid, "source": str(src),
+                          "exemplar": [str(ex_list[e])], "map": [str(map_path)], **opts,
+                          "strength": strength, "steps": steps, "threshold": threshold})
         plan.extras[jid] = {"region": str(map_path), "region_invert": True}
     C.write_jsonl(plan.files[0], plan.jobs)
     return plan

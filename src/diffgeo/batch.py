@@ -5,13 +5,17 @@
 
 Each non-blank line of JOBS (lines starting with ``#`` are comments) is a JSON object::
 
-    {"task": "invert", "id": "cat", "image": "cat.png", "model": "default", "t": 500}
+    {"verb": "invert", "id": "cat", "image": "cat.png", "model": "default", "t": 500}
 
-``task`` is one of the editing verbs (invert, curves, saliency-map, directions, apply, exemplar);
-``id`` names the job's folder (default ``job-NNNN``, NNNN the 1-based line number); every other
-key is a keyword argument of the matching :mod:`diffgeo.runs` function (the Python names, e.g.
-``num_steps``, ``pixels: [[r, c]]``); ``out``, ``force`` and ``progress`` are set by the runner.
-Relative paths are taken relative to the current folder, as on the command line.
+``verb`` is any verb of :mod:`diffgeo.verbs` that writes a result folder, by its CLI name
+(invert, curves, saliency-map, transfer, remove, adjust-saliency, blend, inpaint, directions,
+apply, exemplar); ``id`` names the job's folder (default ``job-NNNN``, NNNN the 1-based line
+number); every other key is one of the verb's options by its CLI name (``--steps`` is
+``steps``, ``--pixels-per-iteration`` is ``pixels_per_iteration``; repeatable flags take a
+list: ``"pixel": ["5,10"]``). ``out`` and ``force`` are set by the runner. A settings.json
+written by a verb is a job line as it is: its ``options`` are the job's and the rest (what the
+run measured) is ignored. Relative paths are taken relative to the current folder, as on the
+command line.
 
 Per job the runner writes DIR/<id>/ (the verb's result folder) and, last and atomically,
 DIR/<id>/.complete holding the SHA-256 of the job's spec. A job is done only when that marker
@@ -33,41 +37,42 @@ from RANK / WORLD_SIZE (PartialState reports a single process there).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from diffgeo.errors import InputError
+from diffgeo.verbs.options import RESERVED
 
-TASKS = ("invert", "curves", "saliency-map", "directions", "apply", "exemplar", "transfer",
-         "remove", "adjust-saliency", "blend", "inpaint")
-RESERVED = ("out", "force", "progress")
 MARKER = ".complete"
 RECORDS = "records"
 _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
-def task_function(task: str) -> Callable[..., dict[str, Any]]:
-    from functools import partial
+def batch_verbs() -> list[str]:
+    """The verbs a job may name: those that write a result folder."""
+    from diffgeo.verbs import all_verbs
 
-    from diffgeo import runs
+    return [v.name for v in all_verbs() if v.batchable]
 
-    curve = {"transfer": "transfer", "remove": "remove", "adjust-saliency": "saliency",
-             "blend": "blend"}
-    if task in curve:
-        return partial(runs.curve_edit, curve[task])
-    return {"invert": runs.invert_image, "curves": runs.curves_for_image,
-            "saliency-map": runs.saliency_for_image, "directions": runs.directions_for_image,
-            "apply": runs.apply_for_image, "exemplar": runs.exemplar_edit,
-            "inpaint": runs.inpaint_image}[task]
+
+def job_verb(spec: dict[str, Any]) -> str | None:
+    """The verb of a job spec (markers written before the rename say "task")."""
+    return spec.get("verb", spec.get("task"))
+
+
+def job_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """A job's options: a settings.json's "options", else every key but verb and id."""
+    if isinstance(spec.get("options"), dict):
+        return dict(spec["options"])
+    return {k: v for k, v in spec.items() if k not in ("verb", "id")}
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -87,43 +92,39 @@ class Job:
     error: str | None = None
 
     @property
-    def task(self) -> str | None:
-        return self.spec.get("task") if self.spec else None
-
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        assert self.spec is not None
-        return {k: v for k, v in self.spec.items() if k not in ("task", "id")}
+    def verb(self) -> str | None:
+        return job_verb(self.spec) if self.spec else None
 
 
 def _validate(obj: Any, line: int) -> str | None:
-    """The problem with a parsed line, or None."""
+    """The problem with a parsed line, or None: the verb's options are built (and so checked)
+    here, before anything runs."""
+    from diffgeo.verbs import get
+
     if not isinstance(obj, dict):
         return f"line {line}: a job must be a JSON object, got {type(obj).__name__}"
-    task = obj.get("task")
-    if task is None:
-        return f"line {line}: missing \"task\" (one of {', '.join(TASKS)})"
-    if task not in TASKS:
-        return f"line {line}: unknown task {task!r} (one of {', '.join(TASKS)})"
+    names = batch_verbs()
+    if "verb" not in obj and "task" in obj:
+        return (f"line {line}: \"task\" is now \"verb\" (with the CLI's verb names and "
+                f"option names, e.g. \"steps\" for num_steps)")
+    verb = obj.get("verb")
+    if verb is None:
+        return f"line {line}: missing \"verb\" (one of {', '.join(names)})"
+    if verb not in names:
+        return f"line {line}: unknown verb {verb!r} (one of {', '.join(names)})"
     if "id" in obj and not (isinstance(obj["id"], str) and _ID_RE.match(obj["id"])
                             and obj["id"] != RECORDS):
         return (f"line {line}: \"id\" must be a folder name of letters, digits, '_', '-', '.' "
                 f"(not {RECORDS!r}), got {obj['id']!r}")
-    reserved = sorted(k for k in obj if k in RESERVED)
+    values = job_options(obj)
+    reserved = sorted(k for k in values if k in RESERVED)
     if reserved:
         return (f"line {line}: {', '.join(reserved)} may not be given in a job (the batch "
                 "runner sets them)")
-    params = inspect.signature(task_function(task)).parameters
-    args = {k for k in obj if k not in ("task", "id")}
-    unknown = sorted(args - set(params))
-    if unknown:
-        allowed = sorted(set(params) - set(RESERVED))
-        return (f"line {line}: unknown argument(s) {', '.join(unknown)} for task {task!r} "
-                f"(allowed: {', '.join(allowed)})")
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty
-               and p.kind is not inspect.Parameter.VAR_KEYWORD and n not in obj]
-    if missing:
-        return f"line {line}: task {task!r} needs {', '.join(missing)}"
+    try:
+        get(verb).options.build(values)
+    except InputError as e:
+        return f"line {line}: verb {verb!r}: {e}"
     return None
 
 
@@ -244,11 +245,35 @@ class Summary:
                 f"{self.count('failed')} failed")
 
 
+def _run_job(job: Job, job_dir: Path, partial: bool, shard: Shard, models: dict | None) -> None:
+    """Build the job's options (device: the process's unless the job names one) and run its
+    verb into ``job_dir``, on a backbone loaded once per (model, device, dtype)."""
+    from diffgeo.verbs import get
+
+    assert job.spec is not None and job.verb is not None
+    verb = get(job.verb)
+    values = job_options(job.spec)
+    values.setdefault("device", shard.device)
+    opts = replace(verb.options.build(values), out=job_dir, force=partial)
+    backbone = None
+    if models is not None:
+        key = (opts.model, opts.device, str(opts.dtype))
+        if key not in models:
+            from diffgeo.backbones import load_backbone
+
+            try:
+                models[key] = load_backbone(*key)
+            except Exception:
+                models[key] = None  # let the job itself report the error
+        backbone = models[key]
+    verb.run(opts, backbone=backbone)
+
+
 def run_job(job: Job, out: Path, shard: Shard, models: dict | None = None) -> dict[str, Any]:
     """Run (or skip) one job and write its record; returns the record."""
     start = time.time()
     record: dict[str, Any] = {"id": job.id, "line": job.line, "index": job.index,
-                              "task": job.task, "process_index": shard.process_index,
+                              "verb": job.verb, "process_index": shard.process_index,
                               "num_processes": shard.num_processes, "error": None,
                               "out": str(out / job.id)}
     if job.error is not None:
@@ -262,22 +287,8 @@ def run_job(job: Job, out: Path, shard: Shard, models: dict | None = None) -> di
         else:
             (job_dir / MARKER).unlink(missing_ok=True)  # a stale marker must not survive a crash
             partial = job_dir.exists()
-            kwargs = job.kwargs
-            kwargs.setdefault("device", shard.device)
-            if models is not None and isinstance(kwargs.get("model", "default"), str):
-                key = (kwargs.get("model", "default"), kwargs["device"],
-                       kwargs.get("dtype", "float32"))
-                if key not in models:
-                    from diffgeo.runs import as_backbone
-
-                    try:
-                        models[key] = as_backbone(*key)
-                    except Exception:
-                        models[key] = None  # let the job itself report the error
-                if models[key] is not None:
-                    kwargs["model"] = models[key]
             try:
-                task_function(job.task)(out=job_dir, force=partial, **kwargs)
+                _run_job(job, job_dir, partial, shard, models)
             except Exception as e:
                 record["status"] = "failed"
                 record["error"] = f"line {job.line}: {type(e).__name__}: {e}"
@@ -317,35 +328,7 @@ def run_batch(jobs_file: str | Path, out: str | Path, *, shard: Shard | None = N
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m diffgeo.batch JOBS --out DIR [--device D]`` (for ``accelerate launch``)."""
-    import argparse
+if __name__ == "__main__":  # pragma: no cover - what `accelerate launch -m` starts
+    from diffgeo.cli import app
 
-    ap = argparse.ArgumentParser(prog="python -m diffgeo.batch", description=__doc__.split(
-        "\n")[0])
-    ap.add_argument("jobs", help="JSON-lines jobs file")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--device", default=None, help="device for jobs that name none")
-    a = ap.parse_args(argv)
-    try:
-        shard = current_shard()
-        summary = run_batch(a.jobs, a.out, shard=shard, device=a.device,
-                            on_record=_print_record)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"[{shard.process_index}/{shard.num_processes}] {summary.line()}")
-    # Under a launcher one process exiting non-zero gets the others killed: failed jobs are in
-    # the records, so only a lone process reports them through its exit status.
-    return 1 if summary.count("failed") and shard.num_processes == 1 else 0
-
-
-def _print_record(rec: dict[str, Any]) -> None:
-    msg = f"[{rec['process_index']}] {rec['id']}: {rec['status']} ({rec['seconds']:.1f} s)"
-    if rec["error"]:
-        msg += f" - {rec['error']}"
-    print(msg, flush=True)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(app(["batch", *sys.argv[1:]], prog_name="python -m diffgeo.batch"))

@@ -2,7 +2,10 @@
 
 The page (``index.html``) links only to files written beside it, so the folder can be moved or
 zipped as it is. Each feature contributes one *section*: a function ``(DemoContext) -> Section``
-listed in ``SECTIONS``; later features append theirs.
+listed in ``SECTIONS``; later features append theirs. A section runs the verbs themselves
+(:func:`diffgeo.verbs.run` on the scene written as a PNG beside the page, with the demo's
+backbone), so what the page shows is what the CLI computes; only what no verb does (samples
+from noise, a global direction, the saliency check over many scenes) calls the methods.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffgeo import ddim
+from diffgeo import ddim, verbs
 from diffgeo.backbones.base import Backbone
 from diffgeo.data.scenes import Scene, SceneConfig, bundled_scenes, generate_scenes
 from diffgeo.errors import InputError
-from diffgeo.io import ResultDir, psnr
+from diffgeo.io import ResultDir
 from diffgeo.plots import grouped_bars
-from diffgeo.runs import as_backbone, environment
+from diffgeo.verbs.common import environment, grid_timesteps, time_grid
 
 
 @dataclass
@@ -39,6 +42,23 @@ class DemoContext:
         arr = torch.stack([torch.from_numpy(s.composite).permute(2, 0, 1) for s in scenes])
         return (arr * 2 - 1).to(self.backbone.device, self.backbone.dtype)
 
+    def grid(self, steps: int | None = None) -> list[int]:
+        return grid_timesteps(self.backbone, time_grid(self.backbone, steps or self.steps))
+
+    def scene_file(self, name: str, scene: Scene) -> Path:
+        """The scene's composite as a PNG beside the page: the input a verb reads."""
+        return self.results.save_image(name, self.images([scene]).float().cpu())
+
+    def mask_file(self, name: str, mask: torch.Tensor) -> Path:
+        """A mask or map in [0, 1] as a grey PNG beside the page."""
+        m = torch.as_tensor(mask).float().cpu().reshape(1, 1, *mask.shape[-2:])
+        return self.results.save_image(name, m * 2 - 1)
+
+    def run(self, verb: str, **options) -> verbs.Result:
+        """A verb on the demo's backbone, writing nothing (the section saves what it shows)."""
+        return verbs.run(verb, backbone=self.backbone, model=self.backbone.name or "default",
+                         **options)
+
 
 @dataclass
 class Section:
@@ -53,9 +73,9 @@ def _img(src: str, caption: str = "", width: int = 128) -> str:
 
 
 def section_model(ctx: DemoContext) -> Section:
-    s = ctx.backbone.summary()
+    summary = ctx.run("info").settings["summary"]
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in s.__dict__.items())
+                   for k, v in summary.items())
     return Section("Model", f"<table>{rows}</table>")
 
 
@@ -65,9 +85,10 @@ def section_samples(ctx: DemoContext) -> Section:
     n = 8 if ctx.quick else 16
     g = torch.Generator().manual_seed(ctx.seed)
     noise = torch.randn(n, *bb.state_shape, generator=g).to(bb.device, bb.dtype)
-    t_top = ddim.ddim_grid(bb.num_train_timesteps, ctx.steps)[-1]
+    t_top = ctx.grid()[-1]
     with torch.no_grad():
-        out = ddim.generate(bb, noise, t_top, ctx.steps, clip_x0=bb.kind == "pixel").last
+        out = ddim.generate(bb, noise, t_top, time_grid(bb, ctx.steps),
+                            clip_x0=bb.kind == "pixel").last
         images = bb.to_image(out).float().cpu()
     per_row = 8
     rows = [list(images[i:i + per_row]) for i in range(0, n, per_row)]
@@ -84,38 +105,33 @@ def section_inversion(ctx: DemoContext) -> Section:
     bb = ctx.backbone
     k = 2 if ctx.quick else 6
     scenes = ctx.scenes[:k]
-    t = 700 if 700 in ddim.ddim_grid(bb.num_train_timesteps, ctx.steps) else ddim.ddim_grid(
-        bb.num_train_timesteps, ctx.steps)[-1]
-    x = ctx.images(scenes)
-    with torch.no_grad():
-        state = bb.to_state(x)
-        results = {}
-        for mode in ("plain", "exact"):
-            inv = ddim.invert(bb, state, t, ctx.steps, exact=(mode == "exact"))
-            gen = ddim.generate(bb, inv.last, t, ctx.steps)
-            results[mode] = (inv, bb.to_image(gen.last).float().cpu())
-    xc = x.float().cpu()
+    grid = ctx.grid()
+    t = 700 if 700 in grid else grid[-1]
     cells = []
     scores: dict[str, list[float]] = {"plain": [], "exact": []}
-    for i in range(len(scenes)):
-        ctx.results.save_image(f"inv-{i}-input.png", xc[i:i + 1])
-        xt = results["plain"][0].last[i:i + 1]
-        ctx.results.save_image(f"inv-{i}-xt.png", bb.to_image(xt).clamp(-1, 1).float().cpu())
-        row = [_img(f"inv-{i}-input.png", "input"), _img(f"inv-{i}-xt.png", f"X_{t}")]
+    iters: list[int] = []
+    for i, scene in enumerate(scenes):
+        image = ctx.scene_file(f"inv-{i}-input.png", scene)
+        row = [_img(f"inv-{i}-input.png", "input")]
         for mode in ("plain", "exact"):
-            rec = results[mode][1][i:i + 1]
-            p = psnr(rec, xc[i:i + 1])
-            scores[mode].append(p)
-            ctx.results.save_image(f"inv-{i}-{mode}.png", rec)
-            row.append(_img(f"inv-{i}-{mode}.png", f"{mode}: {p:.1f} dB"))
+            res = ctx.run("invert", image=image, t=t, steps=ctx.steps, exact=mode == "exact")
+            if mode == "plain":
+                xt = bb.to_image(res.trajectory.last).clamp(-1, 1).float().cpu()
+                ctx.results.save_image(f"inv-{i}-xt.png", xt)
+                row.append(_img(f"inv-{i}-xt.png", f"X_{t}"))
+            else:
+                iters += res.trajectory.iterations
+            scores[mode].append(res.psnr)
+            ctx.results.save_image(f"inv-{i}-{mode}.png", res.reconstruction)
+            row.append(_img(f"inv-{i}-{mode}.png", f"{mode}: {res.psnr:.1f} dB"))
         cells.append(f'<div class="row">{"".join(row)}</div>')
     plot = grouped_bars([f"scene {i}" for i in range(len(scenes))], scores,
                         ctx.results.path_for("inversion-psnr.png"), "PSNR (dB)",
                         f"Inversion to t={t} and back ({ctx.steps}-step grid)")
-    iters = results["exact"][0].iterations
-    text = (f"<p>Each held-out scene is DDIM-inverted to t={t} and regenerated. Plain inversion "
-            "evaluates ε at the wrong end of each step, so generation only approximately undoes "
-            "it; exact inversion solves each step by fixed-point iteration "
+    text = (f"<p>Each held-out scene is DDIM-inverted to t={t} and regenerated "
+            "(<code>diffgeo invert</code>, with and without <code>--exact</code>). Plain "
+            "inversion evaluates ε at the wrong end of each step, so generation only "
+            "approximately undoes it; exact inversion solves each step by fixed-point iteration "
             f"(mean {sum(iters) / max(1, len(iters)):.1f} ε-evaluations per step here). "
             f"Mean PSNR: plain {sum(scores['plain']) / len(scenes):.1f} dB, exact "
             f"{sum(scores['exact']) / len(scenes):.1f} dB.</p>")
@@ -130,37 +146,32 @@ def section_curves(ctx: DemoContext) -> Section:
 
     from diffgeo import curves as C
     from diffgeo.io import to_uint8
-    from diffgeo.maps import rate_maps_along, upsample_to_image
+    from diffgeo.maps import upsample_to_image
     from diffgeo.plots import curves_figure, definitions_figure, heatmap_figure
 
     bb = ctx.backbone
     scene = ctx.scenes[0]
-    x = ctx.images([scene])
-    grid = ddim.ddim_grid(bb.num_train_timesteps, ctx.steps)
-    with torch.no_grad():
-        inv = ddim.invert(bb, bb.to_state(x), grid[-1], ctx.steps)
+    image = ctx.scene_file("curves-input.png", scene)
     rng = np.random.default_rng(ctx.seed)
     obj, bgp = C.salient_and_background_pixels(scene.mask, rng)
+    t_min = 200 if ctx.grid()[-1] > 300 else 0
     # Two pixels only: a region's curve costs one JVP per pixel per timestep; the region
     # contrast is read off the saliency map below, which covers every pixel at once.
-    comps = [C.Component(f"object pixel {obj}", (obj,)),
-             C.Component(f"background pixel {bgp}", (bgp,))]
-    t_min = 200 if grid[-1] > 300 else 0
-    cv = C.generation_curves(bb, inv, comps, "h")
-    img = to_uint8(x.float().cpu())
-    curves_figure(img, cv.timesteps, cv.values.numpy(), cv.labels, [c.pixels for c in comps],
+    definition = "h" if ctx.quick else "all"
+    res = ctx.run("curves", image=image, pixel=(obj, bgp), definition=definition,
+                  steps=ctx.steps, t_min=t_min)
+    cv = res.curves["h"]
+    labels = [f"object pixel {obj}", f"background pixel {bgp}"]
+    img = to_uint8(ctx.images([scene]).float().cpu())
+    curves_figure(img, cv.timesteps, cv.values.numpy(), labels, [(obj,), (bgp,)],
                   ctx.results.path_for("curves.png"), "generation curves ‖Dh[e_ij]‖")
     fl = cv.fluctuation(5, t_min)
-    parts = [f"<p>Curves of ‖D h[e_ij]‖ along the scene's DDIM inversion path. Fluctuation "
-             f"(mean windowed variance, window 5, t &gt; {t_min}): object pixel {fl[0]:.3g}, "
-             f"background pixel {fl[1]:.3g}.</p>",
+    parts = [f"<p>Curves of ‖D h[e_ij]‖ along the scene's DDIM inversion path "
+             f"(<code>diffgeo curves</code>). Fluctuation (mean windowed variance, window 5, "
+             f"t &gt; {t_min}): object pixel {fl[0]:.3g}, background pixel {fl[1]:.3g}.</p>",
              _img("curves.png", "", width=720)]
     if not ctx.quick:
-        from diffgeo.tangent import tangent_bases_along
-
-        bases = tangent_bases_along(bb, inv, k=3, oversample=4)
-        by_def = {d: C.generation_curves(bb, inv, comps[:1], d, bases=bases)
-                  for d in C.DEFINITIONS}
+        by_def = res.curves
         definitions_figure({d: c.timesteps for d, c in by_def.items()},
                            {d: c.values[0].numpy() for d, c in by_def.items()},
                            ctx.results.path_for("definitions.png"),
@@ -169,15 +180,16 @@ def section_curves(ctx: DemoContext) -> Section:
                      "projected rate, ‖Dε[Proj v]‖, ‖Dh[Proj v]‖, ‖Dh[v]‖), each normalised.</p>"
                      + _img("definitions.png", "", width=720))
     probes = 16 if ctx.quick else 48
-    maps = rate_maps_along(bb, inv, "h", "probe", probes=probes, seed=ctx.seed)
-    sal = maps.saliency(5, t_min)
+    sal = ctx.run("saliency-map", image=image, estimator="probe", probes=probes,
+                  steps=ctx.steps, t_min=t_min, seed=ctx.seed).saliency
     heatmap_figure(img, upsample_to_image(sal, bb.image_size).numpy(),
                    ctx.results.path_for("saliency.png"), "saliency map: fluctuation of every "
                    f"pixel's curve ({probes} probes, one VJP each per timestep)",
                    label="fluctuation")
     inside = torch.from_numpy(scene.mask > 0.5)
     parts.append(_img("saliency.png", "", width=720) + f"<p>Mean fluctuation inside the object "
-                 f"{sal[inside].mean():.3g}, outside {sal[~inside].mean():.3g}.</p>")
+                 f"{sal[inside].mean():.3g}, outside {sal[~inside].mean():.3g} "
+                 "(<code>diffgeo saliency-map</code>).</p>")
     n = 3 if ctx.quick else 16
     subset = ctx.scenes[:n]
     check = C.saliency_check(bb, ctx.images(subset), [s.mask for s in subset], "h",
@@ -195,19 +207,21 @@ def section_curves(ctx: DemoContext) -> Section:
 
 def section_rbe(ctx: DemoContext) -> Section:
     """Region-based editing: directions for the object region of a scene and their strips."""
-    from diffgeo.editing.rbe import apply_direction, discover_directions, global_directions
+    from diffgeo.editing.rbe import apply_direction, global_directions
 
     bb = ctx.backbone
     scene = ctx.scenes[1 % len(ctx.scenes)]
-    x = ctx.images([scene])
+    image = ctx.scene_file("rbe-input.png", scene)
+    mask = ctx.mask_file("rbe-mask.png", torch.from_numpy(scene.mask))
     steps = 10 if ctx.quick else 40
     k = 2 if ctx.quick else 3
     t = 500
+    dirs = ctx.run("directions", image=image, mask=mask, t=t, steps=steps, k=k,
+                   seed=ctx.seed).directions
     with torch.no_grad():
-        state = bb.to_state(x)
-    gen = torch.Generator().manual_seed(ctx.seed)
-    dirs = discover_directions(bb, state, scene.mask, t=t, num_steps=steps, k=k, generator=gen)
-    glob = global_directions(bb, state, t=t, num_steps=steps, k=1,
+        state = bb.to_state(ctx.images([scene]))
+    # The global direction (no mask) is the comparison no verb offers.
+    glob = global_directions(bb, state, t=t, grid=time_grid(bb, steps), k=1,
                              generator=torch.Generator().manual_seed(ctx.seed))
     strengths = [-30.0, -15.0, 15.0, 30.0]
     rows, ratios = [], []
@@ -222,56 +236,52 @@ def section_rbe(ctx: DemoContext) -> Section:
     ctx.results.save_strip("rbe-global.png", [im.float().cpu() for im in gedit.strip()])
     gloc = gedit.locality(torch.from_numpy(scene.mask))[-1]
     rows.append(_img("rbe-global.png", "global direction (no mask), same strengths", width=480))
-    text = (f"<p>Directions in the U-Net bottleneck h for the object region, found at t={t} "
-            f"({steps}-step grid) by power iteration on the masked Jacobian ∂(M⊙ε)/∂h through the "
-            "decoder only, projected against the unmasked region's leading direction (Eq. 14), "
-            "and applied to the x̂0-prediction term only (Asyrp). Change inside / outside the "
-            f"object at α=+30: {', '.join(f'{r:.1f}×' for r in ratios)} for the region "
-            f"directions, {gloc.ratio:.1f}× for the global one.</p>")
+    text = (f"<p>Directions in the U-Net bottleneck h for the object region "
+            f"(<code>diffgeo directions</code>), found at t={t} ({steps}-step grid) by power "
+            "iteration on the masked Jacobian ∂(M⊙ε)/∂h through the decoder only, projected "
+            "against the unmasked region's leading direction (Eq. 14), and applied to the "
+            "x̂0-prediction term only (Asyrp). Change inside / outside the object at α=+30: "
+            f"{', '.join(f'{r:.1f}×' for r in ratios)} for the region directions, "
+            f"{gloc.ratio:.1f}× for the global one.</p>")
     return Section("Region-based editing (h-space directions)", text + "".join(rows))
 
 
 def section_exemplar(ctx: DemoContext) -> Section:
     """PIXELS: two exemplars (the objects of two other scenes) edited into one scene."""
-    from diffgeo.editing.pixels import grow_and_blur, pixels_edit
+    from diffgeo.editing.pixels import grow_and_blur
 
     bb = ctx.backbone
     n = len(ctx.scenes)
     source, ex1, ex2 = (ctx.scenes[i % n] for i in range(3))
-    x = ctx.images([source, ex1, ex2])
-    maps = [grow_and_blur(torch.from_numpy(sc.mask).float(), grow=1, blur=1.0)
-            for sc in (ex1, ex2)]
+    files = [ctx.scene_file(f"pixels-{k}.png", sc) for k, sc in enumerate((source, ex1, ex2))]
+    maps = [ctx.mask_file(f"pixels-map-{k + 1}.png",
+                          grow_and_blur(torch.from_numpy(sc.mask).float(), grow=1, blur=1.0))
+            for k, sc in enumerate((ex1, ex2))]
     strength = 0.6
-    with torch.no_grad():
-        states = bb.to_state(x)
-        res = pixels_edit(bb, states[:1], [states[1:2], states[2:3]], maps,
-                          generator=torch.Generator().manual_seed(ctx.seed), strength=strength,
-                          num_steps=ctx.steps)
-        result = bb.to_image(res.state).clamp(-1, 1).float().cpu()
-    composite = x[:1]
-    for k, m in enumerate(maps):
-        keep = (m > 0).to(x)
-        composite = composite * keep + x[k + 1: k + 2] * (1 - keep)
-    imgs = x.float().cpu()
-    ctx.results.save_strip("pixels.png", [imgs[0:1], imgs[1:2], imgs[2:3],
-                                          composite.float().cpu(), result])
+    res = ctx.run("exemplar", source=files[0], exemplar=tuple(files[1:]), map=tuple(maps),
+                  strength=strength, steps=ctx.steps, seed=ctx.seed)
+    imgs = ctx.images([source, ex1, ex2]).float().cpu()
+    ctx.results.save_strip("pixels.png", [imgs[0:1], imgs[1:2], imgs[2:3], res.composite,
+                                          res.image])
     size = tuple(bb.image_size)
 
     def up(m: torch.Tensor) -> torch.Tensor:
         m = torch.nn.functional.interpolate(m[None].float().cpu(), size=size, mode="nearest")
         return (m * 2 - 1).expand(-1, 3, -1, -1)
 
-    ctx.results.save_strip("pixels-maps.png", [up(m) for m in res.maps])
-    shown = [res.masks[round(i * (len(res.masks) - 1) / 7)] for i in range(8)]
+    edit = res.passes[0]
+    ctx.results.save_strip("pixels-maps.png", [up(m) for m in edit.maps])
+    shown = [edit.masks[round(i * (len(edit.masks) - 1) / 7)] for i in range(8)]
     ctx.results.save_strip("pixels-masks.png", [up(m) for m in shown])
-    text = (f"<p>Progressive exemplar editing (PIXELS, Algorithm 2): the objects of two other "
-            f"scenes are edited into the first one in a single pass, from t={res.timesteps[0]} "
-            f"(strength {strength}) over {len(res.timesteps)} DDIM steps with the linear "
-            "threshold. Each map is the exemplar's object mask grown by one pixel and blurred "
-            "(1 = keep source, 0 = take the exemplar); where maps overlap the second exemplar "
-            "wins. Strip: source, exemplar 1, exemplar 2, copy-paste composite, result. Below: "
-            "the maps at state resolution, and the mask that pins the noised source (white) at 8 "
-            "evenly spaced steps, shrinking as the threshold rises.</p>")
+    text = (f"<p>Progressive exemplar editing (PIXELS, Algorithm 2; <code>diffgeo "
+            f"exemplar</code>): the objects of two other scenes are edited into the first one "
+            f"in a single pass, from t={edit.timesteps[0]} (strength {strength}) over "
+            f"{len(edit.timesteps)} DDIM steps with the linear threshold. Each map is the "
+            "exemplar's object mask grown by one pixel and blurred (1 = keep source, 0 = take "
+            "the exemplar); where maps overlap the second exemplar wins. Strip: source, "
+            "exemplar 1, exemplar 2, copy-paste composite, result. Below: the maps at state "
+            "resolution, and the mask that pins the noised source (white) at 8 evenly spaced "
+            "steps, shrinking as the threshold rises.</p>")
     body = (text + _img("pixels.png", "source, exemplar 1, exemplar 2, composite, result",
                         width=480)
             + _img("pixels-maps.png", "edit maps as used", width=200)
@@ -284,46 +294,43 @@ def section_curve_matching(ctx: DemoContext) -> Section:
     import numpy as np
 
     from diffgeo.curves import salient_and_background_pixels
-    from diffgeo.editing import mean_fill, repaint, tasks
-    from diffgeo.editing.curve_matching import CurveMatchingConfig
 
-    bb = ctx.backbone
     steps = 10 if ctx.quick else 50
-    grid = ddim.ddim_grid(bb.num_train_timesteps, steps)
+    grid = ctx.grid(steps)
     t = 700 if 700 in grid else grid[len(grid) * 7 // 10]
     its = 4 if ctx.quick else 60
-    cfg = CurveMatchingConfig(t=t, num_steps=steps, iterations=its, seed=ctx.seed,
-                              refresh_every=max(1, its // 3), blend_every=max(1, its // 2))
+    common = dict(t=t, steps=steps, iterations=its, seed=ctx.seed,
+                  refresh_every=max(1, its // 3), blend_every=max(1, its // 2))
     rng = np.random.default_rng(ctx.seed)
     scene = ctx.scenes[2 % len(ctx.scenes)]
-    x = ctx.images([scene])
+    image = ctx.scene_file("cm-input.png", scene)
+    mask = ctx.mask_file("cm-mask.png", torch.from_numpy(scene.mask))
     _, bg = salient_and_background_pixels(scene.mask, rng)
+    edit = dict(image=image, mask=mask, **common)
     runs = {
-        "remove (match a background pixel)": lambda: tasks.remove(bb, x, scene.mask, bg, cfg),
-        "saliency increase": lambda: tasks.saliency(bb, x, scene.mask, "increase", cfg),
-        "saliency decrease": lambda: tasks.saliency(bb, x, scene.mask, "decrease", cfg),
-        "blend the object's seam": lambda: tasks.blend(bb, x, scene.mask, cfg),
+        "remove (match a background pixel)": ("remove", dict(reference=bg)),
+        "saliency increase": ("adjust-saliency", dict(increase=True)),
+        "saliency decrease": ("adjust-saliency", dict(decrease=True)),
+        "blend the object's seam": ("blend", {}),
     }
-    ctx.results.save_image("cm-input.png", x.float().cpu())
     cells = [_img("cm-input.png", "input")]
     removed = None
-    for k, (label, run) in enumerate(runs.items()):
-        res = run()
+    for k, (label, (verb, extra)) in enumerate(runs.items()):
+        res = ctx.run(verb, **edit, **extra)
         removed = res.image if removed is None else removed
+        losses = res.method.losses
         ctx.results.save_image(f"cm-{k}.png", res.image)
-        cells.append(_img(f"cm-{k}.png", f"{label}: loss {res.losses[0]:.3g} → "
-                          f"{res.losses[-1]:.3g}"))
+        cells.append(_img(f"cm-{k}.png", f"{label}: loss {losses[0]:.3g} → {losses[-1]:.3g}"))
     # Removal against the scene's true background, beside the two baselines of the same code.
     truth = ctx.images([replace(scene, alpha=scene.alpha * 0)]).float().cpu()
     region = torch.from_numpy(scene.mask > 0.5)
-    stats_cfg = replace(cfg, match_outside_stats=True)
+    inpaint = dict(image=image, mask=mask, steps=steps, seed=ctx.seed)
     fills = {"curve matching": removed,
-             "curve matching, --match-outside-stats": tasks.remove(bb, x, scene.mask, bg,
-                                                                   stats_cfg).image,
-             "repaint from noise": repaint(bb, x, scene.mask, num_steps=steps,
-                                           resample=1 if ctx.quick else 5,
-                                           generator=torch.Generator().manual_seed(ctx.seed)),
-             "mean-colour fill": mean_fill(x, scene.mask)}
+             "curve matching, --match-outside-stats":
+                 ctx.run("remove", **edit, reference=bg, match_outside_stats=True).image,
+             "repaint from noise": ctx.run("inpaint", **inpaint, method="repaint",
+                                           resample=1 if ctx.quick else 5).image,
+             "mean-colour fill": ctx.run("inpaint", **inpaint, method="mean-fill").image}
     ctx.results.save_image("cm-truth.png", truth)
     base = [_img("cm-truth.png", "true background")]
     for k, (label, im) in enumerate(fills.items()):
@@ -333,8 +340,9 @@ def section_curve_matching(ctx: DemoContext) -> Section:
         name = "cm-0.png" if label == "curve matching" else f"cm-fill-{k}.png"
         base.append(_img(name, f"{label}: object-region MSE vs truth {mse:.3g}"))
     text = (f"<p>Curve matching optimises X_{t} with Adam ({its} iterations here, lr "
-            f"{cfg.lr}) so that the object's generation curves take a wanted shape, then "
-            "regenerates; localized blending keeps the rest of the image. The background "
+            "0.02) so that the object's generation curves take a wanted shape, then "
+            "regenerates; localized blending keeps the rest of the image "
+            "(<code>diffgeo remove | adjust-saliency | blend</code>). The background "
             "pixel for removal is one of the scene's own.</p>")
     text2 = ("<p>Removal has a ground truth here: the scene without its object. Shown with our "
              "<code>--match-outside-stats</code> too (the region of X_t kept on the "
@@ -377,7 +385,12 @@ def run_demo(out: str | Path = "diffgeo-demo", model: str | Backbone = "default"
              force: bool = False) -> Path:
     """Write ``out/index.html`` and the files it shows; returns the page path."""
     start = time.time()
-    bb = as_backbone(model, device)
+    if isinstance(model, Backbone):
+        bb = model
+    else:
+        from diffgeo.backbones import load_backbone
+
+        bb = load_backbone(model, device=device)
     results = ResultDir(out, force=force)
     page_path = results.path_for("index.html")  # refuse before computing, not after
     ctx = DemoContext(backbone=bb, results=results, scenes=_scenes_for(bb, seed), quick=quick,
@@ -395,9 +408,13 @@ def run_demo(out: str | Path = "diffgeo-demo", model: str | Backbone = "default"
             f"{time.time() - start:.0f} s · diffgeo {env['diffgeo']}, torch {env['torch']}, "
             f"diffusers {env['diffusers']}</p>{body}</body></html>")
     path = page_path
-    results.save_json("settings.json", {"verb": "demo", "model": bb.name or str(model),
-                                        "quick": quick, "seed": seed, "device": device,
-                                        "steps": ctx.steps, "environment": env})
+    results.save_json("settings.json", {
+        "verb": "demo", "options": {"model": str(model) if isinstance(model, (str, Path))
+                                    else bb.name, "quick": quick, "seed": seed,
+                                    "device": str(bb.device)},
+        "model": bb.name or str(model), "quick": quick, "seed": seed,
+        "device": str(bb.device), "dtype": str(bb.dtype), "steps": ctx.steps,
+        "environment": env})
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)

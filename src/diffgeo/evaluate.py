@@ -1,15 +1,15 @@
 """``diffgeo evaluate RESULTS_DIR``: metrics over a batch's finished jobs, as a papers' table.
 
 Jobs counted are the folders of RESULTS_DIR with a valid completion marker (see
-:mod:`diffgeo.batch`); each task compares the pairs that are natural for it:
+:mod:`diffgeo.batch`); each verb compares the pair its registry entry names (``Verb.compared``):
 
 - invert:   input.png (the image as fitted) vs reconstruction.png.
 - exemplar: input.png (the source) vs result.png; with a CLIP model also CLIP-I of result.png
   against exemplar-1.png.
-- apply:    the reconstruction (the first panel of result.png, which is edit-free) vs each
-  edit-J.png, grouped per strength as "apply (α=S)". MSE inside / outside the edit region is read
-  from the job's settings.json ("locality", computed by the run with the discovery mask or
-  --mask), since the region is not stored as an image.
+- apply ("strengths"): the reconstruction (the first panel of result.png, which is edit-free)
+  vs each edit-J.png, grouped per strength as "apply (α=S)". MSE inside / outside the edit
+  region is read from the job's settings.json ("locality", computed by the run with the
+  discovery mask or --mask), since the region is not stored as an image.
 - transfer, remove, adjust-saliency, blend, inpaint: input.png vs result.png, with MSE inside /
   outside the edited region from the job's settings.json ("locality").
 - curves, saliency-map, directions produce no edited image of their own: not evaluated.
@@ -52,8 +52,13 @@ from diffgeo.errors import InputError
 METRICS = ("psnr", "ssim", "mse")
 SET_METRICS = ("fd_dino", "fid")
 """Metrics with one value per task (over all its pairs), not one per job."""
-EVALUATED = ("invert", "exemplar", "apply", "transfer", "remove", "adjust-saliency", "blend",
-             "inpaint")
+
+
+def evaluated() -> dict[str, tuple[str, str] | str]:
+    """Verb name -> what its folder compares, for every evaluated verb of the registry."""
+    from diffgeo.verbs import all_verbs
+
+    return {v.name: v.compared for v in all_verbs() if v.compared is not None}
 
 
 @dataclass
@@ -109,38 +114,38 @@ def _first_panel(strip: Path, like: torch.Tensor) -> torch.Tensor:
     return full[..., : like.shape[-1]]
 
 
-def _pairs(task: str, job_dir: Path) -> list[tuple[str, torch.Tensor, torch.Tensor, dict]]:
+def _locality(job_dir: Path) -> Any:
+    settings = json.loads((job_dir / "settings.json").read_text(encoding="utf-8"))
+    return settings.get("locality"), settings
+
+
+def _pairs(task: str, compared: tuple[str, str] | str,
+           job_dir: Path) -> list[tuple[str, torch.Tensor, torch.Tensor, dict]]:
     """(group, before, after, extras) for one job; extras: exemplar tensor / precomputed mse."""
-    if task == "invert":
-        return [("invert", _load(job_dir / "input.png"), _load(job_dir / "reconstruction.png"),
-                 {})]
-    if task == "exemplar":
-        extras: dict[str, Any] = {}
-        if (job_dir / "exemplar-1.png").is_file():
-            extras["exemplar"] = _load(job_dir / "exemplar-1.png")
-        return [("exemplar", _load(job_dir / "input.png"), _load(job_dir / "result.png"),
-                 extras)]
-    if task in ("transfer", "remove", "adjust-saliency", "blend", "inpaint"):
-        settings = json.loads((job_dir / "settings.json").read_text(encoding="utf-8"))
-        loc = settings.get("locality") or {}
-        return [(task, _load(job_dir / "input.png"), _load(job_dir / "result.png"),
-                 {k: loc[k] for k in ("mse_inside", "mse_outside") if k in loc})]
-    if task == "apply":
-        settings = json.loads((job_dir / "settings.json").read_text(encoding="utf-8"))
+    if compared == "strengths":
+        loc, settings = _locality(job_dir)
         edits = sorted(job_dir.glob("edit-*.png"), key=lambda p: int(p.stem.split("-")[1]))
         if not edits:
             return []
         first = _load(edits[0])
         recon = _first_panel(job_dir / "result.png", first)
-        loc = settings.get("locality") or []
+        loc = loc or []
         out = []
         for j, (p, s) in enumerate(zip(edits, settings["strengths"], strict=False)):
             extras = {}
             if j < len(loc):
                 extras = {"mse_inside": loc[j]["mse_inside"], "mse_outside": loc[j]["mse_outside"]}
-            out.append((f"apply (α={s:g})", recon, _load(p), extras))
+            out.append((f"{task} (α={s:g})", recon, _load(p), extras))
         return out
-    return []
+    before, after = compared
+    extras: dict[str, Any] = {}
+    if (job_dir / "exemplar-1.png").is_file():
+        extras["exemplar"] = _load(job_dir / "exemplar-1.png")
+    if (job_dir / "settings.json").is_file():
+        loc, _ = _locality(job_dir)
+        if isinstance(loc, dict):
+            extras.update({k: loc[k] for k in ("mse_inside", "mse_outside") if k in loc})
+    return [(task, _load(job_dir / before), _load(job_dir / after), extras)]
 
 
 def evaluate_results(results_dir: str | Path, metrics: tuple[str, ...] | list[str] = METRICS, *,
@@ -154,7 +159,7 @@ def evaluate_results(results_dir: str | Path, metrics: tuple[str, ...] | list[st
     ``lpips`` / ``fid``: add LPIPS per pair / FID per task when they are available locally
     (nothing is downloaded); when they are not, a note says why instead."""
     from diffgeo import metrics as M
-    from diffgeo.batch import completed_jobs
+    from diffgeo.batch import completed_jobs, job_verb
     from diffgeo.io import ResultDir
 
     root = Path(results_dir)
@@ -208,13 +213,14 @@ def evaluate_results(results_dir: str | Path, metrics: tuple[str, ...] | list[st
         row.jobs.append(job)
 
     jobs = completed_jobs(root)
+    compared = evaluated()
     for job_id, spec in jobs:
-        task = spec.get("task")
-        if task not in EVALUATED:
-            skipped.append({"id": job_id, "reason": f"task {task!r} has no edited image"})
+        task = job_verb(spec)
+        if task not in compared:
+            skipped.append({"id": job_id, "reason": f"verb {task!r} has no edited image"})
             continue
         try:
-            pairs = _pairs(task, root / job_id)
+            pairs = _pairs(task, compared[task], root / job_id)
         except (OSError, ValueError, KeyError, InputError) as e:
             skipped.append({"id": job_id, "reason": f"{type(e).__name__}: {e}"})
             continue

@@ -1,0 +1,124 @@
+"""What the verbs over image files share: the backbone, the result folder, the input image, the
+region, the time grid and the settings every settings.json starts with."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffgeo.backbones.base import Backbone
+from diffgeo.errors import InputError
+from diffgeo.io import Fit, ResultDir
+from diffgeo.verbs.options import DType, ImageVerbOptions, ModelOptions
+
+
+def environment() -> dict[str, str]:
+    import diffusers
+
+    import diffgeo
+
+    return {"diffgeo": diffgeo.__version__, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "python": platform.python_version()}
+
+
+def backbone_for(opts: ModelOptions, backbone: Backbone | None = None) -> Backbone:
+    """The options' model, or ``backbone`` when the caller already holds it (batch's cache,
+    the demo); refused in half precision for a differentiating verb whoever loaded it."""
+    if backbone is None:
+        from diffgeo.backbones import load_backbone
+
+        backbone = load_backbone(opts.model, device=opts.device, dtype=str(opts.dtype))
+    if DType(str(backbone.dtype)).half and opts.differentiates():
+        raise InputError(f"--dtype {DType(str(backbone.dtype))} is for forward passes only: "
+                         "this verb differentiates the model; use float32 or float64")
+    return backbone
+
+
+def result_dir(opts: ImageVerbOptions, names: Sequence[str],
+               inputs: Sequence[Path | None] = ()) -> ResultDir | None:
+    """The folder to write into, every file checked now: a refusal comes before any compute."""
+    if opts.out is None:
+        return None
+    results = ResultDir(opts.out, force=opts.force, protect=[p for p in inputs if p is not None])
+    for name in names:
+        results.path_for(name)
+    return results
+
+
+def prepare_image(bb: Backbone, image: Path, opts: ImageVerbOptions):
+    """(x on the backbone's device and dtype, its Fit, the prompt's conditioning)."""
+    from diffgeo.io import load_image
+
+    x, fit_info = load_image(image, size=bb.image_size,
+                             fit=None if opts.fit is None else str(opts.fit))
+    x = x.to(device=bb.device, dtype=bb.dtype)
+    cond = bb.condition(opts.prompt) if (opts.prompt or bb.conditional) else None
+    return x, fit_info, cond
+
+
+def region_mask(bb: Backbone, fit_info: Fit, mask: Path | None,
+                box: Sequence[int] | None) -> torch.Tensor:
+    """A (1, 1, H, W) region at model resolution from --mask or --box (input-image pixels)."""
+    from diffgeo.io import box_mask, fit_tensor, load_mask
+
+    if (mask is None) == (box is None):
+        raise InputError("give exactly one region: --mask FILE or --box r0,c0,r1,c1")
+    if mask is not None:
+        return load_mask(mask, bb.image_size, fit_info, input_size=fit_info.in_size)
+    m, _ = fit_tensor(box_mask(box, fit_info.in_size), bb.image_size, fit_info, is_mask=True)
+    return m
+
+
+# ----------------------------------------------------------------------------- the time grid
+# THE ONE PLACE TO SWITCH to diffgeo.sampling.Grid: while that package does not exist the
+# methods take the number of steps (an int); once it does, every verb passes the Grid built here
+# and records its to_dict().
+def time_grid(bb: Backbone, steps: int) -> Any:
+    """What the methods take as their grid argument: a Grid when diffgeo.sampling exists."""
+    try:
+        from diffgeo.sampling import Grid
+    except ImportError:
+        return steps
+    return Grid.for_model(bb, steps)
+
+
+def grid_timesteps(bb: Backbone, grid: Any) -> list[int]:
+    if isinstance(grid, int):
+        from diffgeo.ddim import ddim_grid
+
+        return [int(t) for t in ddim_grid(bb.num_train_timesteps, grid)]
+    return [int(t) for t in grid.timesteps]
+
+
+def grid_record(bb: Backbone, grid: Any) -> dict[str, Any]:
+    """The grid as settings.json records it."""
+    if isinstance(grid, int):
+        return {"num_steps": grid, "timesteps": grid_timesteps(bb, grid)}
+    return grid.to_dict()
+
+
+def base_settings(verb: str, opts: ModelOptions, bb: Backbone, grid: Any = None,
+                  **resolved: Any) -> dict[str, Any]:
+    """The start of every settings.json: the verb, its options as resolved (``resolved``
+    overrides, e.g. a t defaulted to the top of the grid; device and dtype as the backbone
+    actually runs), and what ran: model, device, dtype, grid, versions."""
+    from dataclasses import replace
+
+    used = replace(opts, device=str(bb.device), dtype=DType(str(bb.dtype)), **resolved)
+    s: dict[str, Any] = {"verb": verb, "options": used.to_dict(),
+                         "model": bb.name or opts.model, "device": str(bb.device),
+                         "dtype": str(bb.dtype), "environment": environment()}
+    if grid is not None:
+        s["sampling_grid"] = grid_record(bb, grid)
+    return s
+
+
+def evenly_spaced(items: list, n: int) -> list:
+    if len(items) <= n:
+        return list(items)
+    idx = [round(i * (len(items) - 1) / (n - 1)) for i in range(n)]
+    return [items[i] for i in idx]
