@@ -15,13 +15,13 @@ from diffgeo.editing.curve_matching import (
     FAST_PIXELS_PER_ITERATION,
     FAST_REFRESH_DRIFT,
     CurveMatchingConfig,
-    _walk_to,
     blended_decode,
     curve_matching,
     full_path,
     match_outside_statistics,
     paste_outside,
     rates_batch,
+    walk_to,
 )
 from diffgeo.errors import InputError
 from diffgeo.sampling import Grid
@@ -158,7 +158,7 @@ def test_batched_rates_equal_single_rates_and_their_gradients(bb64):
 
 def test_faithful_walk_covers_targets_above_and_below(pixel_bb, monkeypatch):
     x = ddim.invert(pixel_bb, _image(), 500, 10).last
-    walked = _walk_to(pixel_bb, x, 500, [200, 800, 500, 300], 10, None)
+    walked = walk_to(pixel_bb, x, 500, [200, 800, 500, 300], 10, None)
     path = full_path(pixel_bb, x, 500, 10, None)
     for t in (200, 300, 500, 800):
         assert torch.allclose(walked[t], path[t], atol=1e-6)
@@ -172,7 +172,7 @@ def test_faithful_walk_covers_targets_above_and_below(pixel_bb, monkeypatch):
                               ([800, 700], [(500, 800)]), ([500], []),
                               ([200, 800], [(500, 200), (500, 800)])):
         calls.clear()
-        _walk_to(pixel_bb, x, 500, targets, 10, None)
+        walk_to(pixel_bb, x, 500, targets, 10, None)
         assert calls == expected, targets
 
 

@@ -29,7 +29,8 @@ from diffgeo.schedule import GridRule
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def prepare_module(module: torch.nn.Module, device: torch.device,
+                   dtype: torch.dtype) -> torch.nn.Module:
     """Frozen, eval mode, on device; cast only when needed (diffusers warns on needless casts)."""
     p = next(module.parameters(), None)
     if p is not None and p.dtype != dtype:

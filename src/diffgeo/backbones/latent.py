@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from diffgeo.backbones.autodiff import unet_derivative_mode
-from diffgeo.backbones.base import Backbone, Conditioning, Encoded, _prepare
+from diffgeo.backbones.base import Backbone, Conditioning, Encoded, prepare_module
 from diffgeo.errors import InputError
 
 
@@ -31,7 +31,7 @@ class LatentBackbone(Backbone):
         mods = dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
         for key, m in mods.items():
             if m is not None:
-                setattr(self, key, _prepare(m, self.device, dtype))
+                setattr(self, key, prepare_module(m, self.device, dtype))
             else:
                 setattr(self, key, None)
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2

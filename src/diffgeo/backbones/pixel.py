@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from diffgeo.backbones.autodiff import unet_derivative_mode
-from diffgeo.backbones.base import Backbone, Conditioning, Encoded, _prepare
+from diffgeo.backbones.base import Backbone, Conditioning, Encoded, prepare_module
 from diffgeo.errors import InputError
 
 
@@ -21,7 +21,7 @@ class PixelBackbone(Backbone):
                  name: str = "", device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
         super().__init__(alphas_cumprod, device, dtype)
-        self.unet = _prepare(unet, self.device, dtype)
+        self.unet = prepare_module(unet, self.device, dtype)
         self.prediction_type = prediction_type
         self.name = name
         self.conditional = unet.class_embedding is not None

@@ -41,7 +41,7 @@ from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.curves import pixel_direction, rates_at
 from diffgeo.errors import InputError
 from diffgeo.io.regions import region_pixels
-from diffgeo.jacobian import _expand_cond, jvp
+from diffgeo.jacobian import jvp
 from diffgeo.sampling import Grid, Step, generate, invert, sample, walk
 
 LOSSES = ("match", "minimize", "saliency")
@@ -184,7 +184,7 @@ def rates_batch(backbone: Backbone, x: torch.Tensor, t: Sequence[int], v: torch.
         raise InputError(f"rates_batch needs one timestep and one direction per state: got "
                          f"{B} states, {len(t)} timesteps, {v.shape[0]} directions")
     tt = torch.as_tensor([int(s) for s in t], dtype=torch.long)
-    c = _expand_cond(cond, 1, B) if B > 1 else cond
+    c = cond.expand(B) if cond is not None else None
     _, jv = jvp(backbone, x, v.to(x), tt, c, output="h")
     return jv.flatten(1).norm(dim=1)
 
@@ -206,7 +206,7 @@ def full_path(backbone: Backbone, x_t: torch.Tensor, t: int, grid: Grid | int,
     return path
 
 
-def _walk_to(backbone: Backbone, x: torch.Tensor, t: int, targets: Sequence[int],
+def walk_to(backbone: Backbone, x: torch.Tensor, t: int, targets: Sequence[int],
              grid: Grid | int, cond: Conditioning | None) -> dict[int, torch.Tensor]:
     """The DDIM path from X_t to every target level: one walk down to the lowest target below
     t and one up to the highest above it, so a batch of targets costs no more than the
@@ -359,7 +359,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
             tks.append(_sample_t(c_a, timesteps, gen))
         with torch.no_grad():
             if cfg.mode == "faithful":
-                walked = _walk_to(backbone, x.detach(), cfg.t, tks, grid, cond)
+                walked = walk_to(backbone, x.detach(), cfg.t, tks, grid, cond)
                 delta = torch.cat([walked[tk] - x.detach() for tk in tks])
             else:
                 delta = torch.cat([path[tk] - path[cfg.t] for tk in tks])
@@ -378,8 +378,8 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                 for tk in set(tks) - set(feats_orig):
                     with torch.no_grad():
                         feats_orig[tk] = backbone.features(orig_path[tk], tk, cond)
-                feats = backbone.features(x_k, torch.as_tensor(tks), _expand_cond(
-                    cond, 1, len(tks)) if len(tks) > 1 else cond)
+                feats = backbone.features(x_k, torch.as_tensor(tks), cond.expand(
+                    len(tks)) if cond is not None else None)
                 per_pair = per_pair + cfg.feature_weight * sum(
                     (a - torch.cat([feats_orig[tk][n] for tk in tks])).abs().flatten(1).mean(1)
                     for n, a in enumerate(feats))
