@@ -22,7 +22,7 @@ from diffgeo import verbs
 from diffgeo.cli import app
 from diffgeo.train import build_unet
 
-VERBS = ("info", "invert", "train", "demo")
+VERBS = tuple(v.name for v in verbs.all_verbs())  # every verb of the registry
 INVERT_FILES = ("input.png", "reconstruction.png", "trajectory.png", "trajectory.npz",
                 "settings.json")
 # Wide terminal so rich does not wrap option names in help boxes.
