@@ -453,3 +453,15 @@ def test_task_presets_keep_their_iteration_budget_under_a_partial_config(monkeyp
     assert [c.lambda2 for c in seen] == [-1.0, 1.0, 1.0, 1.0] and seen[0].t == 600
     with pytest.raises(InputError, match="iterations must be an integer >= 1, got 0"):
         CurveMatchingConfig(iterations=0).validate()
+
+
+def test_default_t_lands_on_the_models_grid(pixel_bb, sd_bb):
+    """t=None is the grid point nearest the paper's 700: 700 on the pixel model's grid, 701 on
+    the SD config's (steps_offset=1); an explicit t off the grid is still refused."""
+    cfg = CurveMatchingConfig(num_steps=10, iterations=1, loss="minimize")
+    assert cfg.on_grid(Grid.for_model(pixel_bb, 10)).t == 700
+    res = curve_matching(sd_bb, _image(), REGION, cfg, cond=sd_bb.condition(""))
+    assert res.settings["t"] == 701 and res.settings["grid"]["timesteps"][0] == 1
+    with pytest.raises(InputError, match=r"t=700 is not on the 10-step leading grid \(offset 1"):
+        curve_matching(sd_bb, _image(), REGION,
+                       CurveMatchingConfig(t=700, num_steps=10, loss="minimize"))

@@ -30,7 +30,7 @@ Losses (``loss``): ``match`` |r − c*(t_k)| (semantic transfer, removal with a 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,8 @@ FAST_PIXELS_PER_ITERATION = 4
 #: Fast mode re-walks its path once X_t has moved by this fraction of its norm since the last
 #: walk (``refresh_drift=None``): the reused ΔX goes stale in proportion to that move.
 FAST_REFRESH_DRIFT = 0.05
+#: The paper's X_t level (App. D); a config without ``t`` takes the model's grid point nearest it.
+PAPER_T = 700
 #: Iterations of a config that names none (semantic transfer and removal, §5; App. D).
 DEFAULT_ITERATIONS = 300
 
@@ -71,11 +73,12 @@ class CurveMatchingConfig:
     to that move (each iteration's value is in the history as ``drift``, and ``rewalked`` says
     where it triggered). A re-walk renews the path only; the sampling curve c_a (and c*) keep
     the ``refresh_every`` schedule, so with a tolerance of 0+ fast mode equals faithful mode.
-    Without ``localized`` nothing is blended, neither X_t nor the decode. ``iterations=None``
+    Without ``localized`` nothing is blended, neither X_t nor the decode. ``t=None`` takes the
+    model's grid point nearest the paper's 700 (:meth:`on_grid`). ``iterations=None``
     takes the task's default (:data:`DEFAULT_ITERATIONS`; the saliency and blending presets in
     ``tasks`` use the paper's 70 and 100)."""
 
-    t: int = 700
+    t: int | None = None
     num_steps: int = 50
     iterations: int | None = None
     lr: float = 0.02
@@ -101,6 +104,11 @@ class CurveMatchingConfig:
         if self.refresh_drift is not None:
             return self.refresh_drift
         return FAST_REFRESH_DRIFT if self.mode == "fast" else 0.0
+
+    def on_grid(self, grid: Grid) -> CurveMatchingConfig:
+        """This config with ``t`` on ``grid``: the given t (checked), or the grid point nearest
+        :data:`PAPER_T` when none was given (701 on a Stable Diffusion config)."""
+        return replace(self, t=grid.nearest(PAPER_T) if self.t is None else grid.check(self.t))
 
     @property
     def budget(self) -> int:
@@ -282,7 +290,9 @@ def blended_decode(backbone: Backbone, x: torch.Tensor, orig_path: dict[int, tor
             return paste_outside(step.x_to, orig_path[step.t_to], mask)
         return step.x_to
 
-    g = Grid.resolve(backbone, grid).up_to(cfg.t)
+    g = Grid.resolve(backbone, grid)
+    cfg = cfg.on_grid(g)
+    g = g.up_to(cfg.t)
     return sample(backbone, x, g, cond=cond, on_step=paste, record=False).last
 
 
@@ -305,7 +315,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
             raise InputError(f"reference pixel {tuple(reference_pixel)} is outside the "
                              f"{H}x{W} image")
     grid = Grid.for_model(backbone, cfg.num_steps)
-    grid.check(cfg.t)  # t must be on the grid
+    cfg = cfg.on_grid(grid)  # t on the grid, before any work
     gen = torch.Generator().manual_seed(cfg.seed)
     dev, dt = backbone.device, backbone.dtype
     with torch.no_grad():

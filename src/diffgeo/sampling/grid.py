@@ -170,6 +170,11 @@ class Grid:
                              f"timesteps: {near}")
         return int(t)
 
+    def nearest(self, t: int) -> int:
+        """The grid timestep nearest to ``t`` (the lower one on a tie): where a method's
+        default from a paper (t = 700 on a 0..999 grid) lands on this model's grid."""
+        return min(self.timesteps, key=lambda g: (abs(g - int(t)), g))
+
     def describe(self) -> str:
         step = self.timesteps[1] - self.timesteps[0] if len(self) > 1 else 0
         return (f"{self.num_steps}-step {self.rule.spacing} grid (offset "
