@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.backbones import PixelBackbone, load_backbone
 from diffgeo.backbones.base import Backbone
 from diffgeo.curves import previous_level, rates_at
@@ -88,7 +88,7 @@ def model_and_state(name: str, args: argparse.Namespace
         what = "uniform random image"
     x0 = x0.to(bb.device, bb.dtype)
     with torch.no_grad():
-        traj = ddim.invert(bb, x0, args.t, args.steps)
+        traj = sampling.invert(bb, x0, args.t, args.steps)
     return bb, traj.at(args.t), previous_level(bb, traj, args.t), what
 
 

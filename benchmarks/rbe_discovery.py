@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch.func import jvp, vjp
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.backbones import load_backbone
 from diffgeo.backbones.pixel import PixelBackbone
 from diffgeo.data import bundled_scenes
@@ -109,7 +109,7 @@ def main() -> None:
     image = torch.from_numpy(scene.composite).permute(2, 0, 1)[None] * 2 - 1
     mask = torch.from_numpy(scene.mask)
     t = 500
-    xt = ddim.invert(bb, bb.to_state(image.to(bb.dtype)), t, 40).last
+    xt = sampling.invert(bb, bb.to_state(image.to(bb.dtype)), t, 40).last
     ms = state_mask(bb, mask)
     with torch.no_grad():
         enc = bb.encode(xt, t)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.backbones import default_model_path, load_backbone
 from diffgeo.curves import saliency_check
 from diffgeo.data.scenes import SceneConfig, bundled_scenes, generate_scenes, scenes_to_tensor
@@ -33,8 +33,8 @@ from diffgeo.metrics import image_psnr as psnr
 
 def reconstruction_psnr(bb, x, t, exact):
     with torch.no_grad():
-        inv = ddim.invert(bb, x, t, 50, exact=exact)
-        rec = ddim.generate(bb, inv.last, t, 50).last.clamp(-1, 1)
+        inv = sampling.invert(bb, x, t, 50, exact=exact)
+        rec = sampling.generate(bb, inv.last, t, 50).last.clamp(-1, 1)
     return [psnr(rec[i:i + 1], x[i:i + 1]) for i in range(len(x))], inv.iterations
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     cfg = card["config"]
     scenes = bundled_scenes(bb.image_size[0])[: args.scenes]
     x = scenes_to_tensor(scenes)
-    top = ddim.ddim_grid(bb.num_train_timesteps, 50)[-1]
+    top = sampling.Grid.for_model(bb, 50).top
     metrics: dict = {"scenes": len(scenes)}
     for t in (700, top):
         for exact in (False, True):
@@ -85,7 +85,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         noise = torch.randn(args.samples, *bb.state_shape, generator=g)
         with torch.no_grad():
-            out = ddim.generate(bb, noise, top, 50, clip_x0=True, eta=eta,
+            out = sampling.generate(bb, noise, top, 50, clip_x0=True, eta=eta,
                                 generator=torch.Generator().manual_seed(1)).last.clamp(-1, 1)
         rows = int(np.ceil(args.samples / 8))
         grid = np.ones((rows * 34, 8 * 34, 3), np.uint8) * 255
