@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -24,6 +24,9 @@ from diffgeo.verbs.common import (
 from diffgeo.verbs.options import Choice, ImageVerbOptions, Seeded, box, option, point
 from diffgeo.verbs.registry import Result, register
 
+if TYPE_CHECKING:
+    from diffgeo.backbones.base import Backbone
+
 _CFG = CurveMatchingConfig()
 FILES = ("input.png", "result.png", "strip.png", "curves.png", "history.csv", "settings.json")
 
@@ -36,14 +39,14 @@ class Mode(Choice):
 @dataclass(frozen=True, kw_only=True)
 class CurveEditOptions(ImageVerbOptions, Seeded):
     DIFFERENTIATES = True
-    #: The preset of editing.tasks this verb runs, and its default number of iterations.
+    #: The preset of editing.tasks this verb runs (it also sets the default iterations).
     TASK: ClassVar[str] = ""
-    ITERATIONS: ClassVar[int] = _CFG.iterations
 
     image: Path = option(help="Image to edit.", argument=True)
     iterations: int | None = option(None, "Adam iterations (default: 300; 70 saliency; 100 "
                                     "blend).")
-    t: int = option(_CFG.t, "Timestep of the optimised X_t (on the DDIM grid).", flags=("--t",))
+    t: int | None = option(_CFG.t, "Timestep of the optimised X_t (on the DDIM grid; default: "
+                           "the grid point nearest the paper's 700).", flags=("--t",))
     lr: float = option(_CFG.lr, "Adam learning rate.")
     mode: Mode = option(Mode(_CFG.mode), "fast: reuse the path's ΔX between refreshes; "
                         "faithful: re-integrate X_t → X_tk every iteration (the paper).")
@@ -88,7 +91,7 @@ class CurveEditOptions(ImageVerbOptions, Seeded):
         else:  # the config builds the model's Grid from the number of steps itself
             grid_field, steps = "num_steps", self.steps
         return CurveMatchingConfig(
-            t=self.t, iterations=self.iterations or self.ITERATIONS, lr=self.lr,
+            t=self.t, iterations=self.iterations, lr=self.lr,
             mode=str(self.mode), refresh_every=self.refresh_every,
             refresh_drift=self.refresh_drift, blend_every=self.blend_every,
             t_blend=self.t_blend, localized=not self.no_localized,
@@ -129,7 +132,6 @@ class RemoveOptions(_Region, CurveEditOptions):
 @dataclass(frozen=True, kw_only=True)
 class AdjustSaliencyOptions(_Region, CurveEditOptions):
     TASK = "saliency"
-    ITERATIONS = 70
     increase: bool = option(False, "Make the region more salient.", flags=("--increase",))
     decrease: bool = option(False, "Make the region less salient.", flags=("--decrease",))
 
@@ -142,7 +144,6 @@ class AdjustSaliencyOptions(_Region, CurveEditOptions):
 @dataclass(frozen=True, kw_only=True)
 class BlendOptions(CurveEditOptions):
     TASK = "blend"
-    ITERATIONS = 100
     image: Path = option(help="A composite (foreground pasted on a background).", argument=True)
     mask: Path | None = option(None, "Foreground mask (white = pasted).")
 
@@ -179,7 +180,9 @@ def _run(verb: str, opts: CurveEditOptions, backbone, progress: bool) -> CurveEd
     else:
         res = tasks.blend(bb, x, region, cfg, cond, progress)
     loc = edit_locality(x.float().cpu(), res.image.float(), torch.from_numpy(region))
-    settings = base_settings(verb, opts, bb, grid, iterations=cfg.iterations,
+    used = res.settings  # the method's config as it ran: defaults resolved
+    settings = base_settings(verb, opts, bb, grid, t=used.get("t", opts.t),
+                             iterations=used.get("iterations", opts.iterations),
                              pixels_per_iteration=cfg.batch,
                              refresh_drift=cfg.drift_tolerance)
     settings.update({
@@ -221,26 +224,30 @@ _EDIT = dict(batchable=True, compared=("input.png", "result.png"))
 
 
 @register("transfer", "editing", TransferOptions, out="out/transfer", **_EDIT)
-def transfer(opts: TransferOptions, backbone=None, progress: bool = False) -> CurveEditResult:
+def transfer(opts: TransferOptions, backbone: Backbone | None = None,
+             progress: bool = False) -> CurveEditResult:
     """Semantic transfer by curve matching: the region's generation curves are matched to the
     reference pixel's."""
     return _run("transfer", opts, backbone, progress)
 
 
 @register("remove", "editing", RemoveOptions, out="out/remove", **_EDIT)
-def remove(opts: RemoveOptions, backbone=None, progress: bool = False) -> CurveEditResult:
+def remove(opts: RemoveOptions, backbone: Backbone | None = None,
+           progress: bool = False) -> CurveEditResult:
     """Object removal by curve matching (to a background pixel, or a flat pseudo-curve)."""
     return _run("remove", opts, backbone, progress)
 
 
 @register("adjust-saliency", "editing", AdjustSaliencyOptions, out="out/saliency-edit", **_EDIT)
-def adjust_saliency(opts: AdjustSaliencyOptions, backbone=None, progress: bool = False
+def adjust_saliency(opts: AdjustSaliencyOptions, backbone: Backbone | None = None,
+                    progress: bool = False
                     ) -> CurveEditResult:
     """Saliency increase or decrease: λ1·|r|^(∓1) plus decoder feature alignment (App. D)."""
     return _run("adjust-saliency", opts, backbone, progress)
 
 
 @register("blend", "editing", BlendOptions, out="out/blend", **_EDIT)
-def blend(opts: BlendOptions, backbone=None, progress: bool = False) -> CurveEditResult:
+def blend(opts: BlendOptions, backbone: Backbone | None = None,
+          progress: bool = False) -> CurveEditResult:
     """Image blending: decrease the saliency of the seam (the mask's 3×3 boundary band)."""
     return _run("blend", opts, backbone, progress)

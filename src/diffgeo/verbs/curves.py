@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from diffgeo.verbs.options import (
     point,
 )
 from diffgeo.verbs.registry import Result, register
+
+if TYPE_CHECKING:
+    from diffgeo.backbones.base import Backbone
 
 
 class Definition(Choice):
@@ -192,7 +195,8 @@ def _component_mask(bb, comp) -> torch.Tensor:
 
 
 @register("curves", "analysis", CurvesOptions, out="out/curves", batchable=True)
-def curves(opts: CurvesOptions, backbone=None, progress: bool = False) -> CurvesResult:
+def curves(opts: CurvesOptions, backbone: Backbone | None = None,
+           progress: bool = False) -> CurvesResult:
     """Generation curves of pixels, regions, rows or columns along IMAGE's DDIM inversion path,
     with their fluctuation (the saliency statistic); writes curves.png/.csv/.npz."""
     from diffgeo import curves as C
@@ -285,7 +289,8 @@ class SaliencyResult(Result):
 
 
 @register("saliency-map", "analysis", SaliencyOptions, out="out/saliency", batchable=True)
-def saliency_map(opts: SaliencyOptions, backbone=None, progress: bool = False
+def saliency_map(opts: SaliencyOptions, backbone: Backbone | None = None,
+                 progress: bool = False
                  ) -> SaliencyResult:
     """Whole-image generation-rate maps along IMAGE's inversion path and the saliency map (the
     fluctuation of every pixel's curve), with an overlay; writes saliency.png, rate_maps.npz."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from diffgeo.verbs.common import (
 )
 from diffgeo.verbs.options import Choice, ImageVerbOptions, Seeded, at_least, in_range, option
 from diffgeo.verbs.registry import Result, register
+
+if TYPE_CHECKING:
+    from diffgeo.backbones.base import Backbone
 
 FILES = ("input.png", "result.png", "composite.png", "maps.png", "masks.png", "settings.json")
 
@@ -174,7 +177,8 @@ def _write(results, bb, res: ExemplarResult, x: torch.Tensor, ex_images) -> None
 
 @register("exemplar", "editing", ExemplarOptions, out="out/exemplar", batchable=True,
           compared=("input.png", "result.png"))
-def exemplar(opts: ExemplarOptions, backbone=None, progress: bool = False) -> ExemplarResult:
+def exemplar(opts: ExemplarOptions, backbone: Backbone | None = None,
+             progress: bool = False) -> ExemplarResult:
     """PIXELS: progressive exemplar editing of SOURCE with --exemplar/--map pairs; writes the
     result, the maps as used and the per-step mask strip."""
     from diffgeo.editing.pixels import place_exemplar

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from diffgeo.verbs.common import (
 )
 from diffgeo.verbs.options import Choice, ImageVerbOptions, Seeded, at_least, box, option
 from diffgeo.verbs.registry import Result, register
+
+if TYPE_CHECKING:
+    from diffgeo.backbones.base import Backbone
 
 
 class Method(Choice):
@@ -48,7 +52,8 @@ class InpaintResult(Result):
 
 @register("inpaint", "editing", InpaintOptions, out="out/inpaint", batchable=True,
           compared=("input.png", "result.png"))
-def inpaint(opts: InpaintOptions, backbone=None, progress: bool = False) -> InpaintResult:
+def inpaint(opts: InpaintOptions, backbone: Backbone | None = None,
+            progress: bool = False) -> InpaintResult:
     """Fill a region from its surroundings: the inpainting baselines for object removal."""
     from diffgeo.editing import mean_fill, repaint
     from diffgeo.metrics import edit_locality

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from diffgeo.verbs.common import (
 )
 from diffgeo.verbs.options import ImageVerbOptions, at_least, option
 from diffgeo.verbs.registry import Result, register
+
+if TYPE_CHECKING:
+    from diffgeo.backbones.base import Backbone
 
 FILES = ("input.png", "reconstruction.png", "trajectory.png", "trajectory.npz", "settings.json")
 
@@ -59,7 +62,8 @@ class InvertResult(Result):
 
 @register("invert", "analysis", InvertOptions, out="out/invert", batchable=True,
           compared=("input.png", "reconstruction.png"))
-def invert(opts: InvertOptions, backbone=None, progress: bool = False) -> InvertResult:
+def invert(opts: InvertOptions, backbone: Backbone | None = None,
+           progress: bool = False) -> InvertResult:
     """DDIM-invert IMAGE to X_t, regenerate it, and save the trajectory, the reconstruction and
     its PSNR."""
     from diffgeo import ddim

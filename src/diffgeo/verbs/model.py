@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffgeo.errors import InputError
 from diffgeo.verbs.options import (
@@ -17,6 +18,9 @@ from diffgeo.verbs.options import (
     option,
 )
 from diffgeo.verbs.registry import Result, register
+
+if TYPE_CHECKING:
+    from diffgeo.backbones.base import Backbone
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,7 +39,8 @@ class InfoResult(Result):
 
 
 @register("info", "model", InfoOptions)
-def info(opts: InfoOptions, backbone=None, progress: bool = False) -> InfoResult:
+def info(opts: InfoOptions, backbone: Backbone | None = None,
+         progress: bool = False) -> InfoResult:
     """Load a model and print what diffgeo sees: kind, sizes, bottleneck shape, schedule."""
     if backbone is None:
         from diffgeo.backbones import load_backbone
@@ -92,7 +97,8 @@ class TrainResult(Result):
 
 
 @register("train", "model", TrainOptions)
-def train(opts: TrainOptions, backbone=None, progress: bool = False) -> TrainResult:
+def train(opts: TrainOptions, backbone: Backbone | None = None,
+          progress: bool = False) -> TrainResult:
     """Train a pixel DDPM (UNet2DModel, linear betas 1e-4..0.02, T=1000) with EMA weights and
     resumable checkpoints; exports a folder that --model accepts."""
     from diffgeo.backbones.load import default_model_path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from diffgeo.verbs.options import (
     option,
 )
 from diffgeo.verbs.registry import Result, register
+
+if TYPE_CHECKING:
+    from diffgeo.backbones.base import Backbone
 
 
 class Projection(Choice):
@@ -94,14 +97,17 @@ def _strip_with_locality(results, name: str, edit, region: torch.Tensor) -> list
 @dataclass
 class DirectionsResult(Result):
     directions: Any = None  # editing.rbe.Directions
+    saved: Path | None = None  # the folder `apply --directions` takes
 
     def report(self) -> list[str]:
-        return ["singular values: " + ", ".join(f"{v:.4g}"
-                                                for v in self.settings["singular_values"])]
+        lines = ["singular values: " + ", ".join(f"{v:.4g}"
+                                                 for v in self.settings["singular_values"])]
+        return lines + ([f"use --directions {self.saved}"] if self.saved else [])
 
 
 @register("directions", "editing", DirectionsOptions, out="out/directions", batchable=True)
-def directions(opts: DirectionsOptions, backbone=None, progress: bool = False
+def directions(opts: DirectionsOptions, backbone: Backbone | None = None,
+               progress: bool = False
                ) -> DirectionsResult:
     """Region-based editing: unsupervised h-space directions that change a masked region (power
     iteration on the masked Jacobian, projected against the rest); saves them and a preview
@@ -135,7 +141,8 @@ def directions(opts: DirectionsOptions, backbone=None, progress: bool = False
                                                  cond=cond, progress=progress), region)
             for i in range(dirs.k)]
         results.save_json("settings.json", settings)
-    return DirectionsResult(settings, dirs)
+    saved = None if results is None else results.path / "directions"
+    return DirectionsResult(settings, dirs, saved)
 
 
 @dataclass
@@ -149,7 +156,8 @@ class ApplyResult(Result):
 
 @register("apply", "editing", ApplyOptions, out="out/apply", batchable=True,
           compared="strengths")
-def apply(opts: ApplyOptions, backbone=None, progress: bool = False) -> ApplyResult:
+def apply(opts: ApplyOptions, backbone: Backbone | None = None,
+          progress: bool = False) -> ApplyResult:
     """Edit IMAGE along a discovered h-space direction at several strengths; writes a strip
     and the change inside vs outside the region."""
     from diffgeo.editing.rbe import Directions, apply_direction

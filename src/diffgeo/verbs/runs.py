@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffgeo.verbs.options import DEVICE_HELP, FORCE_HELP, MODEL_HELP, SEED_HELP, Options, option
 from diffgeo.verbs.registry import Result, register
+
+if TYPE_CHECKING:
+    from diffgeo.backbones.base import Backbone
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +42,8 @@ def record_line(rec: dict[str, Any], prefixed: bool) -> str:
 
 
 @register("batch", "runs", BatchOptions)
-def batch(opts: BatchOptions, backbone=None, progress: bool = False) -> BatchResult:
+def batch(opts: BatchOptions, backbone: Backbone | None = None,
+          progress: bool = False) -> BatchResult:
     """Run many jobs, skipping those already complete (resumable); under `accelerate launch`
     the jobs are split across the processes. A failing job is recorded and the rest go on."""
     from diffgeo.batch import current_shard, run_batch
@@ -99,7 +103,8 @@ class EvaluateResult(Result):
 
 
 @register("evaluate", "runs", EvaluateOptions)
-def evaluate(opts: EvaluateOptions, backbone=None, progress: bool = False) -> EvaluateResult:
+def evaluate(opts: EvaluateOptions, backbone: Backbone | None = None,
+             progress: bool = False) -> EvaluateResult:
     """Metrics over a batch's finished jobs (invert, exemplar, apply, ...): a table per task of
     mean ± std and N, also written as RESULTS/evaluation.csv and evaluation.json. Set metrics
     (fd_dino, fid) are one value per task over its N pairs, with std nan. A metric that cannot
@@ -131,7 +136,8 @@ class DemoResult(Result):
 
 
 @register("demo", "runs", DemoOptions)
-def demo(opts: DemoOptions, backbone=None, progress: bool = False) -> DemoResult:
+def demo(opts: DemoOptions, backbone: Backbone | None = None,
+         progress: bool = False) -> DemoResult:
     """Run every diffgeo feature on the default model and bundled scenes; writes
     DIR/index.html, a page of images and plots."""
     from diffgeo.demo import run_demo
