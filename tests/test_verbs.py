@@ -220,3 +220,28 @@ def test_the_exemplar_composite_copies_what_the_first_step_pins():
     assert out[0, 0, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
     inverted = composite(src, [ex], [m], threshold=0.3, invert_maps=True)
     assert inverted[0, 0, 0].tolist() == [0.0, 0.0, 0.0, 1.0]  # 1 - m: 1, .8, .5, 0
+
+
+def test_every_folder_verbs_options_survive_settings_json(square):
+    """options.to_dict() (what settings.json records) builds the same options again."""
+    p = str(square)
+    examples = {
+        "invert": dict(image=p, t=500, exact=True),
+        "curves": dict(image=p, pixel=("3,4",), row=(2,), box="1,1,4,4", definition="all"),
+        "saliency-map": dict(image=p, definition="exact", estimator="gram", probes=3),
+        "transfer": dict(image=p, box="1,1,4,4", reference="8,8", mode="faithful"),
+        "remove": dict(image=p, mask=p, match_outside_stats=True, refresh_drift=0.1),
+        "adjust-saliency": dict(image=p, box="1,1,4,4", decrease=True, decode_blend=False),
+        "blend": dict(image=p, mask=p, no_localized=True),
+        "inpaint": dict(image=p, box="1,1,4,4", method="mean-fill", fit="crop"),
+        "directions": dict(image=p, mask=p, project="none", preview="-5,5"),
+        "apply": dict(image=p, directions=p, strength="-5,0,5", window="0,400", mode="replace"),
+        "exemplar": dict(source=p, exemplar=(p, p), map=(p, p), place=("1,2", "3,4,0.5"),
+                         threshold="cubic", dtype="fp16"),
+    }
+    assert set(examples) == {v.name for v in verbs.all_verbs() if v.batchable}
+    for name, values in examples.items():
+        opts = verbs.get(name).options(**values)
+        recorded = json.loads(json.dumps(opts.to_dict()))
+        again = verbs.get(name).options.build(recorded)
+        assert dataclasses.replace(again, out=None) == opts, name

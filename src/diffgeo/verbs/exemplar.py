@@ -37,7 +37,7 @@ class Threshold(Choice):
 
 def placement(raw: Any, name: str) -> tuple[int, int, float]:
     """``"row,col[,scale]"`` or ``[row, col(, scale)]``."""
-    parts = [p.strip() for p in (raw if isinstance(raw, (list, tuple)) else str(raw).split(","))]
+    parts = list(raw) if isinstance(raw, (list, tuple)) else str(raw).split(",")
     try:
         if len(parts) not in (2, 3):
             raise ValueError
