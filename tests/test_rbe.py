@@ -33,7 +33,6 @@ from diffgeo.editing.rbe import (
     asymmetric_step,
     directions_at,
     discover_directions,
-    edit_locality,
     global_directions,
     masked_response,
     project_out,
@@ -41,6 +40,7 @@ from diffgeo.editing.rbe import (
 )
 from diffgeo.errors import DiffgeoError, InputError, OutputExistsError
 from diffgeo.io import box_mask
+from diffgeo.tangent import PowerIterationConfig, principal_angles
 
 T = 500
 STEPS = 40
@@ -152,6 +152,51 @@ def test_power_iteration_matches_explicit_svd(oracle, oracle_dirs, which):
     _assert_orthonormal_signed(vecs)
 
 
+def test_default_discovery_converges_where_it_says_and_bounds_its_error(small64, oracle):
+    """At the default tolerance the former stopping rule (successive changes of the Ritz values
+    and subspace) declared J_M's top 5 converged 0.03 rad from the exact span. "Converged" now
+    means residuals ≤ tol·σ², and the bound reported for each run covers its true angle."""
+    k = 5
+    d = directions_at(small64, oracle["xt"], T, SMALL_MASK, k=k)
+    bounds = []
+    for J, vecs, run in ((oracle["JM"], d.raw_vectors, "masked_run"),
+                         (oracle["JU"], d.unmasked_vectors, "unmasked_run")):
+        S, Vh = _svd(J)
+        angle = float(principal_angles(_flat(vecs).T, Vh[:k].T).max())
+        summary = d.settings[run]
+        assert summary["converged"] and angle <= summary["error_bound"] < 1e-2, run
+        assert summary["block_size"] == k + 1 and not summary["exact"]
+        bounds.append(summary["error_bound"])
+    assert d.converged and d.error_bound == max(bounds)
+    assert d.settings["oversample"] == rbe.DEFAULT_POWER.oversample == 1
+    # One config or the same options as keywords: the same directions.
+    c = directions_at(small64, oracle["xt"], T, SMALL_MASK,
+                      config=PowerIterationConfig(k=k, max_iter=50))
+    assert torch.equal(c.vectors, d.vectors) and c.settings == d.settings
+
+
+def test_discovery_block_larger_than_h_is_clamped_and_exact():
+    """h has 16 dimensions: k = 15 with oversample 4 used to be refused (k + oversample > 16)
+    and now iterates the whole h-space, which is exact (no pass needed); k = 16 likewise;
+    k = 17 is refused. J = ∂ε/∂h = Q is orthogonal: every singular value is 1, so which 15 of
+    them span "the top 15" is not determined (bound π/2), while k = 16 is the whole space."""
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    bb = linear_gaussian(torch.zeros(16), A @ A.T / 16, ac, state_shape=(1, 4, 4))
+    x = torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64)
+    for k, oversample in ((15, 4), (16, 0), (16, 1)):
+        d = directions_at(bb, x, 100, None, k=k, oversample=oversample)
+        run = d.settings["masked_run"]
+        assert run["exact"] and run["converged"] and run["iterations"] == 0
+        assert run["block_size"] == 16
+        assert run["error_bound"] == (0.0 if k == 16 else pytest.approx(math.pi / 2))
+        assert torch.allclose(d.singular_values, torch.ones(k, dtype=torch.float64), rtol=1e-12)
+        _assert_orthonormal_signed(d.vectors)
+    with pytest.raises(InputError, match="h dimension 16"):
+        directions_at(bb, x, 100, None, k=17)
+
+
 def test_global_directions_match_the_svd_of_the_whole_jacobian(small64, oracle):
     d = global_directions(small64, oracle["x0"], t=T, num_steps=STEPS, k=2, tol=1e-9,
                           max_iter=400, oversample=4)
@@ -250,34 +295,6 @@ def test_region_direction_edits_more_locally_than_the_global_one(tiny, tiny_dirs
         assert all(lc.mse_inside > 0 and lc.mse_outside > 0 for lc in loc)
         ratios[name] = sum(lc.mse_inside for lc in loc) / sum(lc.mse_outside for lc in loc)
     assert ratios["rbe"] > 2 * ratios["global"], ratios
-
-
-def test_edit_locality_values_and_lpips_note():
-    before = torch.zeros(1, 3, 4, 4)
-    after = before.clone()
-    after[..., :2, :] = 1.0   # change inside rows 0-1 only
-    after[..., 3, 3] = 0.5
-    m = torch.zeros(4, 4)
-    m[:2] = 1
-    loc = edit_locality(before, after, m)
-    assert loc.mse_inside == pytest.approx(1.0)
-    assert loc.mse_outside == pytest.approx(0.25 / 8)
-    assert loc.ratio == pytest.approx(32.0)
-    assert loc.mse == pytest.approx((8 + 0.25) / 16)
-    assert loc.lpips is None and loc.note == ""
-    same = edit_locality(before, before, m)
-    assert same.mse_inside == 0 and math.isnan(same.ratio)
-    with_lpips = edit_locality(before[0], after[0], m[None], lpips=True)
-    try:
-        import lpips  # noqa: F401
-    except ImportError:
-        assert with_lpips.lpips is None and "not installed" in with_lpips.note
-    with pytest.raises(InputError, match="same shape"):
-        edit_locality(before, after[..., :3], m)
-    with pytest.raises(InputError, match="mask is 3x4"):
-        edit_locality(before, after, m[:3])
-    with pytest.raises(InputError, match="both inside and outside"):
-        edit_locality(before, after, torch.ones(4, 4))
 
 
 # ---------------------------------------------------------------------------------- (c) Asyrp
@@ -445,6 +462,12 @@ def test_bad_masks(tiny, mask, match):
     (dict(k=3000), "h dimension 2048"),
     (dict(project_against="all"), "project_against must be one of"),
     (dict(tol=0), "tol must be"),
+    (dict(tol=float("nan")), "tol must be a finite number > 0"),
+    (dict(max_iter=0), "max_iter must be >= 1"),
+    (dict(oversample=True), "oversample must be an integer"),
+    (dict(power_passes=-1), "power_passes must be >= 0"),
+    (dict(config={"k": 3}), "config must be a PowerIterationConfig"),
+    (dict(config=PowerIterationConfig(k=3000)), "h dimension 2048"),
     (dict(generator=1), "generator must be"),
 ])
 def test_bad_discovery_arguments(tiny, kwargs, match):

@@ -20,9 +20,10 @@ The method (the RBE paper, Eq. 11-14, with Asyrp's editing process):
    of each state cell that lies in the region.
 4. **Directions.** The k leading right singular vectors of J_M and k_u of J_U, by block power
    iteration on JᵀJ (``tangent.block_power_iteration``: JVPs and VJPs through the decoder only,
-   ``torch.func.jvp``/``vjp`` inside ``backbone.derivative_mode()``; QR every pass, a relative
-   tolerance, the sign convention "largest |component| positive"). Singular values are those of
-   J_M itself (ε-units per unit of h).
+   ``torch.func.jvp``/``vjp`` inside ``backbone.derivative_mode()``; QR every pass, a residual
+   test with a Davis–Kahan bound on the angle to the exact directions, the sign convention
+   "largest |component| positive"; options in one ``tangent.PowerIterationConfig``). Singular
+   values are those of J_M itself (ε-units per unit of h).
 5. **Projection** (Eq. 14). v' = v - (v·u₁) u₁ against the leading unmasked vector u₁, as the
    paper writes it (``project_against="leading"``), then normalised; ``"subspace"`` removes the
    whole top-k_u unmasked subspace (a stated extension: J_U usually has several directions of
@@ -71,13 +72,16 @@ from diffgeo.backbones.base import Backbone, Conditioning, Encoded
 from diffgeo.backbones.functional import FunctionalBackbone
 from diffgeo.errors import DiffgeoError, InputError, OutputExistsError
 from diffgeo.tangent import (
+    PowerIterationConfig,
     PowerIterationResult,
     block_power_iteration,
     default_generator,
+    power_config,
 )
 
 __all__ = [
-    "DEFAULT_K", "DEFAULT_STEPS", "DEFAULT_STRENGTH", "DEFAULT_T", "MODES", "PROJECTIONS",
+    "DEFAULT_K", "DEFAULT_POWER", "DEFAULT_STEPS", "DEFAULT_STRENGTH", "DEFAULT_T", "MODES",
+    "PROJECTIONS",
     "Directions", "EditResult", "Locality", "apply_direction", "asymmetric_step",
     "decoder_products", "directions_at", "discover_directions", "edit_locality",
     "global_directions", "masked_response", "project_out", "state_mask",
@@ -87,6 +91,9 @@ DEFAULT_T = 500          # RBE: discovery / edit timestep
 DEFAULT_STEPS = 40       # RBE: DDIM steps over T for inversion and generation
 DEFAULT_K = 3            # RBE: directions per region
 DEFAULT_STRENGTH = 30.0  # RBE: edit scale ±30 on unit h-vectors
+# RBE: k = 3, at most 50 passes (the paper); one oversampling vector measures the gap for the
+# error bound.
+DEFAULT_POWER = PowerIterationConfig(k=DEFAULT_K, max_iter=50)
 PROJECTIONS = ("leading", "subspace", "none")
 MODES = ("x0", "replace")
 MASK_RULE = ("image mask (1 = region) area-averaged onto the state grid "
@@ -314,8 +321,9 @@ class Directions:
     directions). ``unmasked_vectors`` / ``unmasked_values``: the top k_u right singular pairs of
     J_U (None for global directions). ``mask``: the region on the state grid (h, w), None for
     global directions. ``settings``: everything needed to reproduce the run, plus its cost,
-    convergence, and the decoder response of raw and projected vectors inside / outside the
-    region (``settings["response"]``).
+    convergence (``settings["masked_run"]`` / ``["unmasked_run"]``, summarised by
+    :attr:`converged` and :attr:`error_bound`), and the decoder response of raw and projected
+    vectors inside / outside the region (``settings["response"]``).
     """
 
     vectors: torch.Tensor
@@ -335,6 +343,26 @@ class Directions:
     @property
     def h_shape(self) -> tuple[int, ...]:
         return tuple(self.vectors.shape[1:])
+
+    def _runs(self) -> list[dict[str, Any]]:
+        runs = (self.settings.get("masked_run"), self.settings.get("unmasked_run"))
+        return [r for r in runs if isinstance(r, dict)]
+
+    @property
+    def converged(self) -> bool:
+        """Every power iteration behind these directions passed its residual test
+        (:class:`diffgeo.tangent.PowerIterationConfig` says what that guarantees)."""
+        runs = self._runs()
+        return bool(runs) and all(bool(r.get("converged")) for r in runs)
+
+    @property
+    def error_bound(self) -> float | None:
+        """The largest angle bound (radians) of those runs: of the raw vectors' span, and of
+        the unmasked span they were projected against; None when a run has none."""
+        bounds = [r.get("error_bound") for r in self._runs()]
+        if not bounds or any(b is None for b in bounds):
+            return None
+        return float(max(bounds))
 
     def save(self, folder: str | Path, force: bool = False) -> Path:
         """Write ``directions.safetensors`` (tensors) and ``directions.json`` (the rest).
@@ -389,9 +417,9 @@ class Directions:
 
 
 def _run_summary(r: PowerIterationResult) -> dict[str, Any]:
-    return dict(iterations=r.iterations, converged=r.converged, jvps=r.jvps, vjps=r.vjps,
-                last_residual=r.residuals[-1] if r.residuals else None,
-                last_angle=r.angles[-1] if r.angles else None, seed=r.seed)
+    return dict(iterations=r.iterations, converged=r.converged, exact=r.exact,
+                error_bound=r.error_bound, block_size=r.block_size, jvps=r.jvps, vjps=r.vjps,
+                last_residual=r.residuals[-1] if r.residuals else None, seed=r.seed)
 
 
 def masked_response(backbone: Backbone, xt: torch.Tensor, t: int, vectors: torch.Tensor,
@@ -414,27 +442,27 @@ def masked_response(backbone: Backbone, xt: torch.Tensor, t: int, vectors: torch
 
 
 def _discover(backbone: Backbone, xt: torch.Tensor, t: int, mask_state: torch.Tensor | None,
-              *, k: int, k_unmasked: int, project_against: str, cond: Conditioning | None,
-              max_iter: int, tol: float, oversample: int, power_passes: int | None,
-              generator: torch.Generator | None, chunk: int, num_steps: int | None,
-              extra_settings: dict[str, Any]) -> Directions:
+              *, config: PowerIterationConfig, k_unmasked: int, project_against: str,
+              cond: Conditioning | None, generator: torch.Generator | None, chunk: int,
+              num_steps: int | None, extra_settings: dict[str, Any]) -> Directions:
     gen = default_generator(generator)
+    k = config.k
     with torch.no_grad():
         enc = backbone.encode(xt, t, cond)
     h_shape = tuple(enc.h.shape[1:])
     n_h = math.prod(h_shape)
+    # Checked before any product (block_power_iteration would only find k_unmasked too large
+    # after the masked run); a block larger than h is clamped there, and is then exact.
     if k > n_h or (mask_state is not None and k_unmasked > n_h):
         raise InputError(f"k and k_unmasked must be <= the h dimension {n_h}, got k={k}, "
                          f"k_unmasked={k_unmasked}")
-    kw = dict(max_iter=max_iter, tol=tol, oversample=oversample, power_passes=power_passes,
-              generator=gen, dtype=enc.h.dtype, device=enc.h.device, space="h")
+    kw = dict(generator=gen, dtype=enc.h.dtype, device=enc.h.device, space="h")
     weight_m = None if mask_state is None else mask_state
     jm, jmt = decoder_products(backbone, enc, weight_m, chunk)
-    run_m = block_power_iteration(jm, jmt, h_shape, k, **kw)  # type: ignore[arg-type]
+    run_m = block_power_iteration(jm, jmt, h_shape, config, **kw)  # type: ignore[arg-type]
     raw = run_m.vectors
     settings: dict[str, Any] = dict(
-        k=k, timestep=int(t), num_steps=num_steps, max_iter=max_iter, tol=tol,
-        oversample=oversample, power_passes=power_passes, chunk=chunk,
+        **config.to_dict(), timestep=int(t), num_steps=num_steps, chunk=chunk,
         seed=gen.initial_seed(), dtype=str(enc.h.dtype).replace("torch.", ""),
         backbone=dict(kind=backbone.kind, name=backbone.name), h_shape=list(h_shape),
         masked_run=_run_summary(run_m), derivative="decoder only (cached encoder skips)",
@@ -447,7 +475,8 @@ def _discover(backbone: Backbone, xt: torch.Tensor, t: int, mask_state: torch.Te
                           settings=settings)
 
     ju, jut = decoder_products(backbone, enc, 1 - mask_state, chunk)
-    run_u = block_power_iteration(ju, jut, h_shape, k_unmasked, **kw)  # type: ignore[arg-type]
+    run_u = block_power_iteration(ju, jut, h_shape, replace(config, k=k_unmasked),
+                                  **kw)  # type: ignore[arg-type]
     if project_against == "leading":
         vectors, norms = project_out(raw, run_u.vectors[:1])
     elif project_against == "subspace":
@@ -470,97 +499,104 @@ def _discover(backbone: Backbone, xt: torch.Tensor, t: int, mask_state: torch.Te
 
 
 def _check_discovery_args(k: Any, k_unmasked: Any, max_iter: Any, tol: Any, oversample: Any,
-                          power_passes: Any, chunk: Any) -> tuple[int, int]:
-    k = _check_int(k, "k", 1)
-    k_u = k if k_unmasked is None else _check_int(k_unmasked, "k_unmasked", 1)
-    _check_int(max_iter, "max_iter", 1)
-    _check_int(oversample, "oversample", 0)
+                          power_passes: Any, chunk: Any, config: Any
+                          ) -> tuple[PowerIterationConfig, int]:
+    """The run's PowerIterationConfig (``config``, default DEFAULT_POWER, with the given
+    keywords replacing its fields; validated there) and k_unmasked (default: the config's k)."""
+    cfg = power_config(DEFAULT_POWER if config is None else config, k=k, max_iter=max_iter,
+                       tol=tol, oversample=oversample, power_passes=power_passes)
+    k_u = cfg.k if k_unmasked is None else _check_int(k_unmasked, "k_unmasked", 1)
     _check_int(chunk, "chunk", 1)
-    if power_passes is not None:
-        _check_int(power_passes, "power_passes", 0)
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
-        raise InputError(f"tol must be a number > 0, got {tol!r}")
-    return k, k_u
+    return cfg, k_u
 
 
 def directions_at(backbone: Backbone, xt: torch.Tensor, t: int, mask: Any | None, *,
-                  k: int = DEFAULT_K, k_unmasked: int | None = None,
+                  k: int | None = None, k_unmasked: int | None = None,
                   project_against: str = "leading", cond: Conditioning | None = None,
-                  max_iter: int = 50, tol: float = 1e-4, oversample: int = 0,
-                  power_passes: int | None = None, generator: torch.Generator | None = None,
-                  chunk: int = 16, num_steps: int | None = None) -> Directions:
+                  max_iter: int | None = None, tol: float | None = None,
+                  oversample: int | None = None, power_passes: int | None = None,
+                  generator: torch.Generator | None = None, chunk: int = 16,
+                  num_steps: int | None = None,
+                  config: PowerIterationConfig | None = None) -> Directions:
     """RBE directions at a given state X_t (steps 3-5 of the module docstring).
 
     ``mask``: the region at image resolution (see :func:`state_mask`), or None for global
     directions (the whole ε, no projection). ``k_unmasked`` (default k): how many unmasked
     vectors to compute — ``"leading"`` uses only the first, but iterating a block of k_u
-    converges faster than a single vector. Power-iteration settings as in
-    :func:`diffgeo.tangent.block_power_iteration`; the masked run draws its random start first,
-    the unmasked run second, from one ``generator`` (default seeded 0). ``num_steps`` is only
-    recorded (the grid X_t came from), for :func:`apply_direction`'s default.
+    converges faster than a single vector. Power-iteration options: ``config`` (a
+    :class:`diffgeo.tangent.PowerIterationConfig`, default ``DEFAULT_POWER``), whose fields
+    ``k``, ``max_iter``, ``tol``, ``oversample``, ``power_passes`` the keywords of the same name
+    replace when given; what convergence and the error bound guarantee is stated there, and
+    each run's outcome is in ``settings["masked_run"]`` / ``["unmasked_run"]``. The masked run
+    draws its random start first, the unmasked run second, from one ``generator`` (default
+    seeded 0). ``num_steps`` is only recorded (the grid X_t came from), for
+    :func:`apply_direction`'s default.
     """
     _require_h(backbone)
     xt = _check_x0(backbone, xt, "xt")
-    k, k_u = _check_discovery_args(k, k_unmasked, max_iter, tol, oversample, power_passes,
-                                   chunk)
+    cfg, k_u = _check_discovery_args(k, k_unmasked, max_iter, tol, oversample, power_passes,
+                                     chunk, config)
     _check_projection(project_against)
     backbone.timesteps(t, 1)
     ms = None if mask is None else state_mask(backbone, mask)
-    return _discover(backbone, xt, int(t), ms, k=k, k_unmasked=k_u,
-                     project_against=project_against, cond=cond, max_iter=max_iter, tol=tol,
-                     oversample=oversample, power_passes=power_passes, generator=generator,
+    return _discover(backbone, xt, int(t), ms, config=cfg, k_unmasked=k_u,
+                     project_against=project_against, cond=cond, generator=generator,
                      chunk=chunk, num_steps=num_steps, extra_settings={})
 
 
 def discover_directions(backbone: Backbone, x0: torch.Tensor, mask: Any, *, t: int = DEFAULT_T,
-                        num_steps: int = DEFAULT_STEPS, k: int = DEFAULT_K,
+                        num_steps: int = DEFAULT_STEPS, k: int | None = None,
                         k_unmasked: int | None = None, project_against: str = "leading",
-                        cond: Conditioning | None = None, max_iter: int = 50,
-                        tol: float = 1e-4, oversample: int = 0,
+                        cond: Conditioning | None = None, max_iter: int | None = None,
+                        tol: float | None = None, oversample: int | None = None,
                         power_passes: int | None = None,
                         generator: torch.Generator | None = None, chunk: int = 16,
                         spacing: str = "leading", offset: int = 0,
-                        progress: bool = False) -> Directions:
+                        progress: bool = False,
+                        config: PowerIterationConfig | None = None) -> Directions:
     """RBE region directions of an image: DDIM-invert ``x0`` to ``t``, then :func:`directions_at`.
 
     ``x0`` is the image's clean *state* (``backbone.to_state(image)``; the image itself for pixel
     models), batch 1. ``t`` must be on the ``num_steps`` grid (the error names the nearest grid
     timesteps). Defaults are the paper's: t = 500, 40 steps, k = 3, at most 50 passes.
+    Power-iteration options as in :func:`directions_at`.
     """
     _require_h(backbone)
     x0 = _check_x0(backbone, x0, "x0")
-    k, k_u = _check_discovery_args(k, k_unmasked, max_iter, tol, oversample, power_passes,
-                                   chunk)
+    cfg, k_u = _check_discovery_args(k, k_unmasked, max_iter, tol, oversample, power_passes,
+                                     chunk, config)
     _check_projection(project_against)
     ddim.grid_up_to(backbone, t, num_steps, spacing, offset)  # t on the grid, before any work
     ms = state_mask(backbone, mask)
     inv = ddim.invert(backbone, x0, t, num_steps, cond, spacing=spacing, offset=offset,
                       progress=progress)
-    return _discover(backbone, inv.last, t, ms, k=k, k_unmasked=k_u,
-                     project_against=project_against, cond=cond, max_iter=max_iter, tol=tol,
-                     oversample=oversample, power_passes=power_passes, generator=generator,
+    return _discover(backbone, inv.last, t, ms, config=cfg, k_unmasked=k_u,
+                     project_against=project_against, cond=cond, generator=generator,
                      chunk=chunk, num_steps=num_steps,
                      extra_settings=dict(spacing=spacing, offset=offset, inversion="ddim"))
 
 
 def global_directions(backbone: Backbone, x0: torch.Tensor, *, t: int = DEFAULT_T,
-                      num_steps: int = DEFAULT_STEPS, k: int = DEFAULT_K,
-                      cond: Conditioning | None = None, max_iter: int = 50, tol: float = 1e-4,
-                      oversample: int = 0, power_passes: int | None = None,
+                      num_steps: int = DEFAULT_STEPS, k: int | None = None,
+                      cond: Conditioning | None = None, max_iter: int | None = None,
+                      tol: float | None = None, oversample: int | None = None,
+                      power_passes: int | None = None,
                       generator: torch.Generator | None = None, chunk: int = 16,
                       spacing: str = "leading", offset: int = 0,
-                      progress: bool = False) -> Directions:
+                      progress: bool = False,
+                      config: PowerIterationConfig | None = None) -> Directions:
     """Whole-image directions: the leading right singular vectors of ∂ε/∂h (no mask, no
-    projection) — the unsupervised global baseline (Semdiff-like) RBE is compared with."""
+    projection) — the unsupervised global baseline (Semdiff-like) RBE is compared with.
+    Power-iteration options as in :func:`directions_at`."""
     _require_h(backbone)
     x0 = _check_x0(backbone, x0, "x0")
-    k, _ = _check_discovery_args(k, None, max_iter, tol, oversample, power_passes, chunk)
+    cfg, _ = _check_discovery_args(k, None, max_iter, tol, oversample, power_passes, chunk,
+                                   config)
     ddim.grid_up_to(backbone, t, num_steps, spacing, offset)
     inv = ddim.invert(backbone, x0, t, num_steps, cond, spacing=spacing, offset=offset,
                       progress=progress)
-    return _discover(backbone, inv.last, t, None, k=k, k_unmasked=k, project_against="none",
-                     cond=cond, max_iter=max_iter, tol=tol, oversample=oversample,
-                     power_passes=power_passes, generator=generator, chunk=chunk,
+    return _discover(backbone, inv.last, t, None, config=cfg, k_unmasked=cfg.k,
+                     project_against="none", cond=cond, generator=generator, chunk=chunk,
                      num_steps=num_steps,
                      extra_settings=dict(spacing=spacing, offset=offset, inversion="ddim"))
 
