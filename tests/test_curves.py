@@ -33,7 +33,7 @@ def gaussian():
 def test_h_curve_equals_closed_form(gaussian):
     bb = gaussian
     x0 = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    inv = ddim.invert(bb, x0, t=700, num_steps=20)
+    inv = ddim.invert(bb, x0, t=700, grid=20)
     V = torch.stack([pixel_direction(bb, (1, 2)), pixel_direction(bb, (3, 0), channel=2)])
     curves = generation_curves(bb, inv, V, chunk=1)
     lam, Q = bb.gaussian["eigenvalues"], bb.gaussian["eigenvectors"]
@@ -45,6 +45,33 @@ def test_h_curve_equals_closed_form(gaussian):
             assert curves.values[k, j].item() == pytest.approx(expected.item(), rel=1e-5)
     assert curves.timesteps == sorted(curves.timesteps)
     assert curves.timesteps[-1] == 700
+
+
+def test_curves_keep_the_backbones_dtype(gaussian):
+    """A float64 backbone gives float64 curves (they used to be cast to float32, which capped
+    closed-form checks at ~1e-7 relative); a float32 backbone still gives float32."""
+    bb = gaussian
+    x0 = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inv = ddim.invert(bb, x0, 700, 20)
+    V = torch.stack([pixel_direction(bb, (1, 2)), pixel_direction(bb, (3, 0), channel=2)])
+    curves = generation_curves(bb, inv, V)
+    assert curves.values.dtype == torch.float64
+    lam, Q = bb.gaussian["eigenvalues"], bb.gaussian["eigenvectors"]
+    ab = bb.alphas_cumprod[torch.tensor(curves.timesteps)][:, None]
+    gain = (1 - ab).sqrt() / (ab * lam + 1 - ab)  # (N, d)
+    expected = (gain[None] * (V.reshape(2, -1) @ Q)[:, None]).norm(dim=-1)  # (2, N)
+    assert torch.allclose(curves.values, expected, rtol=1e-12, atol=0)
+    assert curves.fluctuation(t_min=200).dtype == torch.float64
+    # A projected definition: the basis of the whole 48-dimensional space (k + oversample is
+    # clamped to it, and exact), so 'h-proj' equals 'h' to round-off.
+    proj = generation_curves(bb, inv, V, "h-proj", k=48)
+    assert proj.values.dtype == torch.float64
+    assert torch.allclose(proj.values, expected, rtol=1e-12, atol=0)
+    bb32 = linear_gaussian(bb.gaussian["mean"], bb.gaussian["cov"], bb.alphas_cumprod,
+                           state_shape=(3, 4, 4), dtype=torch.float32)
+    c32 = generation_curves(bb32, ddim.invert(bb32, x0.float(), 700, 20), V.float())
+    assert c32.values.dtype == torch.float32
+    assert torch.allclose(c32.values.double(), expected, rtol=1e-5)
 
 
 def test_fluctuation_matches_hand_computation():

@@ -91,6 +91,37 @@ def test_lowrank_is_exact_at_full_rank_and_a_lower_bound_below(gaussian):
     assert bool((low.values <= loop.values * (1 + 1e-6)).all())
 
 
+def test_maps_keep_the_backbones_float64_and_a_full_basis_is_exact(gaussian):
+    """A float64 backbone gives float64 maps (they used to be cast to float32, capping
+    closed-form checks at ~1e-7). k = 32 is the whole state space: the basis is exact without
+    a pass (the default oversample of 4 used to be refused here), so the gram map of 'eps' is
+    ‖Dε v‖ and the low-rank map of 'h' is ‖Dh v‖, both in closed form."""
+    from diffgeo.maps import cell_directions, upsample_to_image
+
+    bb = gaussian
+    lam, Q = bb.gaussian["eigenvalues"], bb.gaussian["eigenvectors"]
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t = 300
+    full = tangent_basis(bb, x, t, k=32, oversample=4)
+    assert full.exact and full.iterations == 0
+    ab = bb.alphas_cumprod[t]
+    inv_c = 1 / (ab * lam + 1 - ab)
+    cells = cell_directions(bb).reshape(16, 32).T  # (n, cells)
+    D_eps = (1 - ab).sqrt() * Q @ torch.diag(inv_c) @ Q.T
+    D_h = torch.diag((1 - ab).sqrt() * inv_c) @ Q.T
+    eps_map = rate_map(bb, x, t, "eps", "gram", full)
+    h_map = rate_map(bb, x, t, "h", "lowrank", full)
+    loop = rate_map(bb, x, t, "h", "loop")
+    for m, J in ((eps_map, D_eps), (h_map, D_h), (loop, D_h)):
+        assert m.values.dtype == torch.float64
+        expected = (J @ cells).norm(dim=0).reshape(4, 4)
+        assert torch.allclose(m.values, expected, rtol=1e-12, atol=0), m.estimator
+    assert upsample_to_image(eps_map.values, (8, 8)).dtype == torch.float64
+    inv = ddim.invert(bb, x, 900, 10)
+    maps = rate_maps_along(bb, inv, "eps", k=32)
+    assert maps.values.dtype == torch.float64 and maps.saliency(t_min=0).dtype == torch.float64
+
+
 def test_exact_rate_equals_closed_form_on_linear_gaussian(gaussian):
     """r_t(v) = ‖(A·I + B·Dε) Proj v‖ with Dε = sqrt(1-ab)·C_t⁻¹ and Proj onto the top-k right
     singular vectors of Dh = diag(gain)·Qᵀ, all known in closed form."""
@@ -134,7 +165,7 @@ def test_patch_rate_is_mean_of_pixel_rates_and_curves_are_deterministic(tiny):
 def test_maps_along_path_and_saliency_map(tiny):
     bb, inv = tiny
     maps = rate_maps_along(bb, inv, "h", "probe", probes=16, seed=0)
-    assert maps.values.shape == (len(inv.grid()), 16, 16)
+    assert maps.values.shape == (len(inv.noisy_timesteps()), 16, 16)
     sal = saliency_map(maps, window=5, t_min=200)
     assert sal.shape == (16, 16) and bool((sal >= 0).all())
     # the saliency map is the fluctuation of every cell's curve

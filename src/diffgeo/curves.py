@@ -33,7 +33,8 @@ PROJECTED = ("exact", "eps", "h-proj")
 
 @dataclass
 class GenerationCurves:
-    """Rates of K components over the timesteps of one path: ``values`` has shape (K, N)."""
+    """Rates of K components over the timesteps of one path: ``values`` has shape (K, N), on
+    the CPU, in :func:`result_dtype` of the backbone (float64 from a float64 backbone)."""
 
     timesteps: list[int]
     values: torch.Tensor
@@ -52,6 +53,16 @@ class Component:
     label: str
     pixels: tuple[tuple[int, int], ...]
     channel: int | None = None
+
+
+def result_dtype(backbone: Backbone) -> torch.dtype:
+    """The dtype rates are returned in: the backbone's, but at least float32.
+
+    Rates keep the precision they were computed in, so a float64 backbone gives float64
+    curves and maps (what closed-form checks need); a half-precision forward pass is widened
+    because the fluctuation statistic subtracts nearby rates.
+    """
+    return torch.promote_types(backbone.dtype, torch.float32)
 
 
 def pixel_component(backbone: Backbone, pixel: Sequence[int],
@@ -96,7 +107,7 @@ def component_directions(backbone: Backbone, component: Component) -> torch.Tens
 
 def previous_level(backbone: Backbone, trajectory: Trajectory, t: int) -> int | None:
     """The level the generation step from t lands on (None = clean) on the trajectory's grid."""
-    grid = sorted(trajectory.grid())
+    grid = sorted(trajectory.noisy_timesteps())
     i = grid.index(t)
     return grid[i - 1] if i > 0 else None
 
@@ -190,7 +201,7 @@ def generation_curves(backbone: Backbone, trajectory: Trajectory,
         dirs = torch.cat(all_dirs)
         names = [c.label for c in components]
     dirs = dirs.to(backbone.device, backbone.dtype)
-    steps = sorted(t for t in trajectory.grid() if t_min is None or t >= t_min)
+    steps = sorted(t for t in trajectory.noisy_timesteps() if t_min is None or t >= t_min)
     values = []
     basis = None
     opts = {"oversample": 4, **(basis_options or {})}
@@ -205,7 +216,7 @@ def generation_curves(backbone: Backbone, trajectory: Trajectory,
         r = rates_at(backbone, x, t, dirs, definition, basis,
                      previous_level(backbone, trajectory, t), cond, chunk)
         values.append(torch.stack([r[g].mean() for g in groups]))
-    vals = torch.stack(values, dim=1).detach().float().cpu()
+    vals = torch.stack(values, dim=1).detach().to("cpu", result_dtype(backbone))
     return GenerationCurves(steps, vals, definition, names,
                             {"k": k, "chunk": chunk, "t_min": t_min, "basis_options": opts})
 

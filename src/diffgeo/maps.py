@@ -24,7 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from diffgeo.backbones.base import Backbone, Conditioning
-from diffgeo.curves import PROJECTED, _check_definition, fluctuation, projected_operator
+from diffgeo.curves import (
+    PROJECTED,
+    _check_definition,
+    fluctuation,
+    projected_operator,
+    result_dtype,
+)
 from diffgeo.ddim import Trajectory
 from diffgeo.errors import InputError
 from diffgeo.jacobian import batched_vjp
@@ -35,7 +41,8 @@ ESTIMATORS = ("gram", "probe", "lowrank", "loop")
 
 @dataclass
 class RateMap:
-    """Rates of every state cell at one timestep: ``values`` (h, w)."""
+    """Rates of every state cell at one timestep: ``values`` (h, w), on the CPU, in
+    ``curves.result_dtype`` of the backbone (float64 from a float64 backbone)."""
 
     values: torch.Tensor
     timestep: int
@@ -150,7 +157,7 @@ def rate_map(backbone: Backbone, x: torch.Tensor, t: int, definition: str = "h",
             c = cell_coordinates(basis, wts)
             sig = basis.singular_values.double().to(c.device)
             values = torch.einsum("khw,k->hw", c.pow(2), sig.pow(2)).sqrt()
-    return RateMap(values.float().cpu(), t, definition, estimator, rel,
+    return RateMap(values.detach().to("cpu", result_dtype(backbone)), t, definition, estimator, rel,
                    {"channel": channel, "probes": probes if estimator == "probe" else None,
                     "k": k if definition in PROJECTED or estimator == "lowrank" else None})
 
@@ -173,7 +180,7 @@ def rate_maps_along(backbone: Backbone, trajectory: Trajectory, definition: str 
         raise InputError("rate_maps_along takes a trajectory of one image (batch 1)")
     from diffgeo.curves import previous_level
 
-    steps = sorted(t for t in trajectory.grid() if t_min is None or t >= t_min)
+    steps = sorted(t for t in trajectory.noisy_timesteps() if t_min is None or t >= t_min)
     opts = {"oversample": 4, **(basis_options or {})}
     basis = None
     maps = []
@@ -203,6 +210,8 @@ def saliency_map(maps: RateMaps, window: int = 5, t_min: int = 200) -> torch.Ten
 
 
 def upsample_to_image(values: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
-    """A cell map shown at image resolution (nearest: each cell covers its pixels exactly)."""
-    v = values[None, None].float()
+    """A cell map shown at image resolution (nearest: each cell covers its pixels exactly),
+    in the map's own floating dtype."""
+    v = values[None, None]
+    v = v if v.is_floating_point() else v.float()
     return torch.nn.functional.interpolate(v, size=tuple(image_size), mode="nearest")[0, 0]
