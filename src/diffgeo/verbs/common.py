@@ -32,9 +32,7 @@ def backbone_for(opts: ModelOptions, backbone: Backbone | None = None) -> Backbo
         from diffgeo.backbones import load_backbone
 
         backbone = load_backbone(opts.model, device=opts.device, dtype=str(opts.dtype))
-    if DType(str(backbone.dtype)).half and opts.differentiates():
-        raise InputError(f"--dtype {DType(str(backbone.dtype))} is for forward passes only: "
-                         "this verb differentiates the model; use float32 or float64")
+    opts.check_dtype(DType(str(backbone.dtype)))
     return backbone
 
 

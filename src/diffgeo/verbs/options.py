@@ -314,8 +314,13 @@ class ModelOptions(Options):
 
     def validate(self) -> None:
         super().validate()
-        if self.dtype.half and self.differentiates():
-            raise InputError(f"--dtype {self.dtype} is for forward passes only: this verb "
+        self.check_dtype(self.dtype)
+
+    def check_dtype(self, dtype: DType) -> None:
+        """Derivatives need float32/float64 (DESIGN.md §2): half precision is refused for a
+        verb that differentiates, whether asked for or the dtype of a backbone passed in."""
+        if dtype.half and self.differentiates():
+            raise InputError(f"--dtype {dtype} is for forward passes only: this verb "
                              "differentiates the model; use float32 or float64")
 
 
