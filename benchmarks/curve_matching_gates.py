@@ -153,7 +153,7 @@ def removal_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
         cm_stats = tasks.remove(bb, x, region, ref, CurveMatchingConfig(
             iterations=args.removal_iterations, seed=i, match_outside_stats=True)).image
         t0 = time.perf_counter()
-        rp = repaint(bb, x, region, num_steps=50, resample=args.repaint_resample,
+        rp = repaint(bb, x, region, grid=50, resample=args.repaint_resample,
                      generator=torch.Generator().manual_seed(i))
         t_rp = time.perf_counter() - t0
         mf = mean_fill(x, region)

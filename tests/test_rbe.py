@@ -198,7 +198,7 @@ def test_discovery_block_larger_than_h_is_clamped_and_exact():
 
 
 def test_global_directions_match_the_svd_of_the_whole_jacobian(small64, oracle):
-    d = global_directions(small64, oracle["x0"], t=T, num_steps=STEPS, k=2, tol=1e-9,
+    d = global_directions(small64, oracle["x0"], t=T, grid=STEPS, k=2, tol=1e-9,
                           max_iter=400, oversample=4)
     S, Vh = _svd(oracle["J"])
     assert d.mask is None and d.unmasked_vectors is None
@@ -208,7 +208,7 @@ def test_global_directions_match_the_svd_of_the_whole_jacobian(small64, oracle):
 
 
 def test_discover_equals_directions_at_the_inverted_state(small64, oracle, oracle_dirs):
-    d = discover_directions(small64, oracle["x0"], SMALL_MASK, t=T, num_steps=STEPS, k=3,
+    d = discover_directions(small64, oracle["x0"], SMALL_MASK, t=T, grid=STEPS, k=3,
                             tol=1e-9, max_iter=400, oversample=4, project_against="subspace")
     ref = oracle_dirs["subspace"]
     assert torch.equal(d.vectors, ref.vectors) and d.timestep == T and d.num_steps == STEPS
@@ -279,8 +279,8 @@ TINY_MASK = box_mask((8, 2, 14, 14), (16, 16))
 def tiny_dirs(tiny):
     x0 = _image(tiny, 1)
     return x0, {
-        "rbe": discover_directions(tiny, x0, TINY_MASK, t=T, num_steps=STEPS),
-        "global": global_directions(tiny, x0, t=T, num_steps=STEPS),
+        "rbe": discover_directions(tiny, x0, TINY_MASK, t=T, grid=STEPS),
+        "global": global_directions(tiny, x0, t=T, grid=STEPS),
     }
 
 
@@ -541,9 +541,9 @@ def test_rediscover_reproduces_a_direction_that_does_not_move():
     m = torch.zeros(4, 4, dtype=torch.float64)
     m[0, 0], m[0, 1], m[1, 0], m[1, 1] = 0.9, 0.7, 0.5, 0.3
     x0 = torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64)
-    d = discover_directions(bb, x0, m, t=500, num_steps=10, k=2, tol=1e-12, max_iter=2000)
-    fixed = apply_direction(bb, x0, d, 0, [0.5], num_steps=10)
-    moving = apply_direction(bb, x0, d, 0, [0.5], num_steps=10, rediscover=True)
+    d = discover_directions(bb, x0, m, t=500, grid=10, k=2, tol=1e-12, max_iter=2000)
+    fixed = apply_direction(bb, x0, d, 0, [0.5], grid=10)
+    moving = apply_direction(bb, x0, d, 0, [0.5], grid=10, rediscover=True)
     align = moving.settings["rediscover_alignment"]
     assert len(align) == len(moving.edited_timesteps) and min(align) > 1 - 1e-8
     assert torch.allclose(moving.states, fixed.states, atol=1e-8)

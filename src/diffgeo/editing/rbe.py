@@ -3,7 +3,7 @@
 The method (the RBE paper, Eq. 11-14, with Asyrp's editing process):
 
 1. **Where.** Invert the image with DDIM to t (default 500, 40 steps over T, eta 0) and take the
-   state X_t. Discovery and editing use the *same* integer grid (``ddim.grid_up_to``), so the
+   state X_t. Discovery and editing use the *same* integer grid (a ``sampling.Grid``), so the
    state the directions were found at is the state the edit starts from.
 2. **What is differentiated.** f(h) = ε(X_t, h): the noise prediction with the bottleneck
    (mid-block output) replaced by h. The encoder does not depend on h, so f is the *decoder* run
@@ -65,12 +65,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
-from tqdm.auto import tqdm
 
-from diffgeo import ddim
 from diffgeo.backbones.base import Backbone, Conditioning, Encoded
 from diffgeo.backbones.functional import FunctionalBackbone
 from diffgeo.errors import DiffgeoError, InputError, OutputExistsError
+from diffgeo.metrics import Locality, edit_locality
+from diffgeo.sampling import Grid, Trajectory, alpha_bar, invert, predict_x0, sample
+from diffgeo.sampling import ddim_step as _ddim_step
 from diffgeo.tangent import (
     PowerIterationConfig,
     PowerIterationResult,
@@ -82,8 +83,8 @@ from diffgeo.tangent import (
 __all__ = [
     "DEFAULT_K", "DEFAULT_POWER", "DEFAULT_STEPS", "DEFAULT_STRENGTH", "DEFAULT_T", "MODES",
     "PROJECTIONS",
-    "Directions", "EditResult", "Locality", "apply_direction", "asymmetric_step",
-    "decoder_products", "directions_at", "discover_directions", "edit_locality",
+    "Directions", "EditResult", "apply_direction", "asymmetric_step",
+    "decoder_products", "directions_at", "discover_directions",
     "global_directions", "masked_response", "project_out", "state_mask",
 ]
 
@@ -151,32 +152,6 @@ def _check_projection(project_against: str) -> str:
     return project_against
 
 
-def _as_mask_tensor(mask: Any) -> torch.Tensor:
-    """(H, W) float64 from a tensor / array of shape (H, W), (1, H, W) or (1, 1, H, W)."""
-    if isinstance(mask, np.ndarray):
-        if mask.dtype == np.bool_:
-            mask = mask.astype(np.float64)
-        mask = torch.from_numpy(np.ascontiguousarray(mask))
-    if not isinstance(mask, torch.Tensor):
-        raise InputError(f"mask must be a torch tensor or numpy array of shape (H, W), (1, H, W) "
-                         f"or (1, 1, H, W) (load files with diffgeo.io.load_mask), "
-                         f"got {type(mask).__name__}")
-    m = mask.detach().cpu()
-    if m.dtype == torch.bool:
-        m = m.to(torch.float64)
-    if not m.is_floating_point():
-        raise InputError(f"mask must hold floats in [0, 1] (or booleans), got {m.dtype}")
-    while m.ndim > 2 and m.shape[0] == 1:
-        m = m[0]
-    if m.ndim != 2:
-        raise InputError(f"mask must have shape (H, W), (1, H, W) or (1, 1, H, W), "
-                         f"got {tuple(mask.shape)}")
-    m = m.to(torch.float64)
-    if not torch.isfinite(m).all() or float(m.min()) < 0 or float(m.max()) > 1:
-        raise InputError("mask values must be finite and lie in [0, 1] (1 = region to edit)")
-    return m
-
-
 def state_mask(backbone: Backbone, mask: Any) -> torch.Tensor:
     """The region mask on the state grid, (1, 1, h, w) in the backbone's dtype and device.
 
@@ -187,22 +162,13 @@ def state_mask(backbone: Backbone, mask: Any) -> torch.Tensor:
     whole state (then the unmasked Jacobian J_U is zero and there is nothing to project against:
     use :func:`global_directions` for a whole-image direction).
     """
-    m = _as_mask_tensor(mask)
-    size = tuple(backbone.image_size)
-    if tuple(m.shape) != size:
-        raise InputError(f"mask is {m.shape[0]}x{m.shape[1]} but the model's images are "
-                         f"{size[0]}x{size[1]}: draw the mask on the (fitted) image "
-                         "(diffgeo.io.load_mask fits it)")
-    if not bool((m > 0).any()):
+    ms = backbone.state_region(mask, "mask")
+    if not bool((ms > 0).any()):
         raise InputError("mask is empty (all zero): mark the region to edit with 1")
-    state_hw = tuple(backbone.state_shape[-2:])
-    ms = m[None, None]
-    if state_hw != size:
-        ms = F.interpolate(ms, size=state_hw, mode="area")
     if bool((ms >= 1).all()):
         raise InputError("mask covers the whole image: RBE needs an unmasked region to keep "
                          "unchanged (use global_directions for whole-image directions)")
-    return ms.to(device=backbone.device, dtype=backbone.dtype)
+    return ms
 
 
 # ---------------------------------------------------------------------------------- products
@@ -545,44 +511,41 @@ def directions_at(backbone: Backbone, xt: torch.Tensor, t: int, mask: Any | None
 
 
 def discover_directions(backbone: Backbone, x0: torch.Tensor, mask: Any, *, t: int = DEFAULT_T,
-                        num_steps: int = DEFAULT_STEPS, k: int | None = None,
+                        grid: Grid | int = DEFAULT_STEPS, k: int | None = None,
                         k_unmasked: int | None = None, project_against: str = "leading",
                         cond: Conditioning | None = None, max_iter: int | None = None,
                         tol: float | None = None, oversample: int | None = None,
                         power_passes: int | None = None,
                         generator: torch.Generator | None = None, chunk: int = 16,
-                        spacing: str = "leading", offset: int = 0,
                         progress: bool = False,
                         config: PowerIterationConfig | None = None) -> Directions:
     """RBE region directions of an image: DDIM-invert ``x0`` to ``t``, then :func:`directions_at`.
 
     ``x0`` is the image's clean *state* (``backbone.to_state(image)``; the image itself for pixel
-    models), batch 1. ``t`` must be on the ``num_steps`` grid (the error names the nearest grid
-    timesteps). Defaults are the paper's: t = 500, 40 steps, k = 3, at most 50 passes.
-    Power-iteration options as in :func:`directions_at`.
+    models), batch 1. ``t`` must be on ``grid`` (a Grid, or a number of steps on the model's own
+    grid; the error names the nearest grid timesteps). Defaults are the paper's: t = 500, 40
+    steps, k = 3, at most 50 passes. Power-iteration options as in :func:`directions_at`.
     """
     _require_h(backbone)
     x0 = _check_x0(backbone, x0, "x0")
     cfg, k_u = _check_discovery_args(k, k_unmasked, max_iter, tol, oversample, power_passes,
                                      chunk, config)
     _check_projection(project_against)
-    ddim.grid_up_to(backbone, t, num_steps, spacing, offset)  # t on the grid, before any work
+    g = Grid.resolve(backbone, grid).up_to(t)  # t on the grid, before any work
     ms = state_mask(backbone, mask)
-    inv = ddim.invert(backbone, x0, t, num_steps, cond, spacing=spacing, offset=offset,
-                      progress=progress)
+    inv = invert(backbone, x0, t, g, cond, progress=progress)
     return _discover(backbone, inv.last, t, ms, config=cfg, k_unmasked=k_u,
                      project_against=project_against, cond=cond, generator=generator,
-                     chunk=chunk, num_steps=num_steps,
-                     extra_settings=dict(spacing=spacing, offset=offset, inversion="ddim"))
+                     chunk=chunk, num_steps=g.num_steps,
+                     extra_settings=dict(grid=g.to_dict(), inversion="ddim"))
 
 
 def global_directions(backbone: Backbone, x0: torch.Tensor, *, t: int = DEFAULT_T,
-                      num_steps: int = DEFAULT_STEPS, k: int | None = None,
+                      grid: Grid | int = DEFAULT_STEPS, k: int | None = None,
                       cond: Conditioning | None = None, max_iter: int | None = None,
                       tol: float | None = None, oversample: int | None = None,
                       power_passes: int | None = None,
                       generator: torch.Generator | None = None, chunk: int = 16,
-                      spacing: str = "leading", offset: int = 0,
                       progress: bool = False,
                       config: PowerIterationConfig | None = None) -> Directions:
     """Whole-image directions: the leading right singular vectors of ∂ε/∂h (no mask, no
@@ -592,13 +555,12 @@ def global_directions(backbone: Backbone, x0: torch.Tensor, *, t: int = DEFAULT_
     x0 = _check_x0(backbone, x0, "x0")
     cfg, _ = _check_discovery_args(k, None, max_iter, tol, oversample, power_passes, chunk,
                                    config)
-    ddim.grid_up_to(backbone, t, num_steps, spacing, offset)
-    inv = ddim.invert(backbone, x0, t, num_steps, cond, spacing=spacing, offset=offset,
-                      progress=progress)
+    g = Grid.resolve(backbone, grid).up_to(t)
+    inv = invert(backbone, x0, t, g, cond, progress=progress)
     return _discover(backbone, inv.last, t, None, config=cfg, k_unmasked=cfg.k,
                      project_against="none", cond=cond, generator=generator, chunk=chunk,
-                     num_steps=num_steps,
-                     extra_settings=dict(spacing=spacing, offset=offset, inversion="ddim"))
+                     num_steps=g.num_steps,
+                     extra_settings=dict(grid=g.to_dict(), inversion="ddim"))
 
 
 # ---------------------------------------------------------------------------------- editing
@@ -612,20 +574,13 @@ def asymmetric_step(backbone: Backbone, x: torch.Tensor, t: int, t_prev: int | N
     Returns (x_prev, P_t, D_t) with P_t = (x - sqrt(1 - ab_t)·ε_edit) / sqrt(ab_t) (the x̂0
     prediction, from the edited h) and D_t = sqrt(1 - ab_prev)·ε_orig (the direction term, from
     the original h), so x_prev = sqrt(ab_prev)·P_t + D_t (the paper's Eq. 1-3 with eta = 0).
-    ``t_prev=None`` is the clean level (ab = 1, D_t = 0). x_prev is evaluated as
-    A·x + B·ε_orig + C·(ε_edit - ε_orig) with A, B the plain DDIM coefficients
-    (``ddim.step_coefficients``) and C = -sqrt(ab_prev)·sqrt(1 - ab_t)/sqrt(ab_t): the same
-    number, arranged so that ε_edit == ε_orig reproduces ``ddim.ddim_step`` bit for bit.
-    Pass ε_edit for both to get the symmetric ("replace") step.
+    ``t_prev=None`` is the clean level of the model's grid. x_prev is the sampler's own step
+    (``sampling.ddim_step`` with ``eps_x0``), so ε_edit == ε_orig reproduces the plain DDIM
+    step bit for bit. Pass ε_edit for both to get the symmetric ("replace") step.
     """
-    ab_t = ddim.alpha_bar(backbone, t)
-    ab_prev = ddim.alpha_bar(backbone, t_prev)
-    p_t = (x - (1 - ab_t) ** 0.5 * eps_edit) / ab_t**0.5
-    d_t = (1 - ab_prev) ** 0.5 * eps_orig
-    a, b = ddim.step_coefficients(ab_t, ab_prev)
-    c = -(ab_prev**0.5) * (1 - ab_t) ** 0.5 / ab_t**0.5
-    x_prev = a * x + b * eps_orig + c * (eps_edit - eps_orig)
-    return x_prev, p_t, d_t
+    ab_t, ab_prev = alpha_bar(backbone, t), alpha_bar(backbone, t_prev)
+    x_prev = _ddim_step(x, eps_orig, ab_t, ab_prev, eps_x0=eps_edit)
+    return x_prev, predict_x0(x, eps_edit, ab_t), (1 - ab_prev) ** 0.5 * eps_orig
 
 
 @dataclass
@@ -677,21 +632,21 @@ def _check_strengths(strengths: Any) -> list[float]:
 def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions, index: int,
                     strengths: Sequence[float] = (-DEFAULT_STRENGTH, DEFAULT_STRENGTH), *,
                     t_edit: int | None = None, window: tuple[int, int] | None = None,
-                    num_steps: int | None = None, mode: str = "x0", eta: float = 0.0,
+                    grid: Grid | int | None = None, mode: str = "x0", eta: float = 0.0,
                     generator: torch.Generator | None = None,
-                    cond: Conditioning | None = None, spacing: str = "leading",
-                    offset: int = 0, rediscover: bool = False,
+                    cond: Conditioning | None = None, rediscover: bool = False,
                     progress: bool = False) -> EditResult:
     """Edit the image ``x0`` (clean state, batch 1) along ``directions.vectors[index]``.
 
-    Inverts x0 to ``t_edit`` (default: the discovery timestep) on the ``num_steps`` grid
-    (default: the discovery grid, else 40 steps) and generates back once per strength α. Every
+    Inverts x0 to ``t_edit`` (default: the discovery timestep) on ``grid`` (a Grid or a number
+    of steps on the model's grid; default: the discovery's number of steps, else 40) and
+    generates back once per strength α. Every
     step whose starting timestep lies in ``window`` = (t_low, t_high) (default (0, t_edit): the
     whole generation; see the module docstring) is an asymmetric step: encoder once on the
     current state, ε_orig = ε(h), ε_edit = ε(h + α·v); ``mode="x0"`` puts ε_edit in the x̂0 term
     only (the paper), ``"replace"`` in both terms (the authors' code). Other steps are plain
     DDIM; those below t_low use ``eta`` (> 0 needs ``generator``; every strength replays the
-    same noise, so strengths differ only by the edit). α = 0 reproduces ``ddim.generate``
+    same noise, so strengths differ only by the edit). α = 0 reproduces ``sampling.generate``
     exactly. One generation per strength plus one for the reconstruction (α = 0).
 
     ``rediscover=True`` re-finds the directions at every edited timestep, on the unedited
@@ -720,9 +675,9 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
         raise InputError(f"directions have h shape {directions.h_shape} but this backbone's h is "
                          f"{h_shape}: they were found with another model or resolution")
     t_edit = directions.timestep if t_edit is None else t_edit
-    if num_steps is None:
-        num_steps = directions.num_steps or DEFAULT_STEPS
-    grid = ddim.grid_up_to(backbone, t_edit, num_steps, spacing, offset)
+    if grid is None:
+        grid = directions.num_steps or DEFAULT_STEPS
+    g = Grid.resolve(backbone, grid).up_to(t_edit)
     lo, hi = (0, t_edit) if window is None else window
     if (isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int)
             or not isinstance(hi, int) or not 0 <= lo <= hi <= t_edit):
@@ -730,7 +685,7 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
                          f"0 <= t_low <= t_high <= t_edit={t_edit}, got {window!r}")
     if isinstance(eta, bool) or not isinstance(eta, int | float) or not eta >= 0:
         raise InputError(f"eta must be a number >= 0, got {eta!r}")
-    stochastic = eta > 0 and any(g < lo for g in grid)
+    stochastic = eta > 0 and any(t < lo for t in g)
     if eta > 0 and not stochastic:
         raise InputError(f"eta > 0 only applies to steps below the edit window (t < {lo}); "
                          f"there are none: narrow the window, e.g. window=(200, {t_edit})")
@@ -739,60 +694,43 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
     if generator is not None and not isinstance(generator, torch.Generator):
         raise InputError(f"generator must be a torch.Generator or None, "
                          f"got {type(generator).__name__}")
-    edited = [g for g in grid if lo <= g <= hi]
+    edited = [t for t in g if lo <= t <= hi]
 
     v = directions.vectors[index].to(device=backbone.device, dtype=backbone.dtype)[None]
-    inv = ddim.invert(backbone, x0, t_edit, num_steps, cond, spacing=spacing, offset=offset,
-                      progress=progress)
+    inv = invert(backbone, x0, t_edit, g, cond, progress=progress)
     xt = inv.last
-    levels: list[int | None] = [None, *grid]
     rng_state = generator.get_state() if (stochastic and generator is not None) else None
 
     per_step: dict[int, torch.Tensor] = {}
 
-    @torch.no_grad()
-    def run(alpha: float, record: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def run(alpha: float) -> Trajectory:
         if rng_state is not None and generator is not None:
             generator.set_state(rng_state)
-        x = xt
-        for i in tqdm(range(len(grid), 0, -1), desc=f"edit {alpha:+g}", disable=not progress,
-                      leave=False):
-            t_from, t_to = levels[i], levels[i - 1]
-            assert t_from is not None
-            if lo <= t_from <= hi:
-                if record is not None:
-                    record[t_from] = x
-                enc = backbone.encode(x, t_from, cond)
-                eps_orig = backbone.to_eps(backbone.decode(enc, enc.h), enc.x, enc.timesteps)
-                vt = per_step.get(t_from, v)
-                eps_edit = backbone.to_eps(backbone.decode(enc, enc.h + alpha * vt), enc.x,
-                                           enc.timesteps)
-                if mode == "replace":
-                    eps_orig = eps_edit
-                x = asymmetric_step(backbone, x, t_from, t_to, eps_edit, eps_orig)[0]
-                continue
-            eps = backbone.eps(x, t_from, cond)
-            if t_from < lo and eta > 0:
-                assert generator is not None
-                ab_t, ab_prev = ddim.alpha_bar(backbone, t_from), ddim.alpha_bar(backbone, t_to)
-                sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)) ** 0.5
-                x0_pred = (x - (1 - ab_t) ** 0.5 * eps) / ab_t**0.5
-                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                    device=generator.device).to(x.device)
-                x = ab_prev**0.5 * x0_pred + (1 - ab_prev - sigma**2) ** 0.5 * eps + sigma * noise
-            else:
-                x = ddim.ddim_step(backbone, x, t_from, t_to, eps)
-        return x
 
-    path: dict[int, torch.Tensor] = {}
-    recon_state = run(0.0, record=path)
+        def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            if not lo <= t <= hi:
+                return backbone.eps(x, t, cond)
+            # encoder once; the original and the edited h share its skips
+            enc = backbone.encode(x, t, cond)
+            eps_orig = backbone.to_eps(backbone.decode(enc, enc.h), enc.x, enc.timesteps)
+            eps_edit = backbone.to_eps(backbone.decode(enc, enc.h + alpha * per_step.get(t, v)),
+                                       enc.x, enc.timesteps)
+            return eps_edit, (eps_edit if mode == "replace" else eps_orig)
+
+        return sample(backbone, xt, g, eps_fn=eps_fn, generator=generator,
+                      eta=lambda t: eta if t < lo else 0.0, progress=progress,
+                      desc=f"edit {alpha:+g}")
+
+    recon = run(0.0)
+    path = {t: recon.at(t) for t in edited}
+    recon_state = recon.last
     alignment: list[float] = []
     if rediscover:
         per_step.update(_track_directions(backbone, path, directions, v, cond, alignment))
-    states = torch.cat([run(a) for a in alphas])
+    states = torch.cat([run(a).last for a in alphas])
     settings: dict[str, Any] = dict(
-        index=index, strengths=alphas, t_edit=t_edit, num_steps=num_steps, window=[lo, hi],
-        mode=mode, eta=eta, spacing=spacing, offset=offset, edited_steps=len(edited),
+        index=index, strengths=alphas, t_edit=t_edit, num_steps=g.num_steps, grid=g.to_dict(),
+        window=[lo, hi], mode=mode, eta=eta, edited_steps=len(edited),
         rediscover=rediscover, rediscover_alignment=alignment,
         seed=generator.initial_seed() if generator is not None else None,
         directions=dict(kind=directions.settings.get("kind"),
@@ -836,87 +774,3 @@ def _track_directions(backbone: Backbone, path: dict[int, torch.Tensor], directi
 
 
 # ---------------------------------------------------------------------------------- metrics
-
-_ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
-
-
-@dataclass
-class Locality:
-    """How an edit splits between the region and the rest (the paper's Fig. 7 comparison).
-
-    ``mse_inside`` / ``mse_outside``: mean squared change over the pixels inside / outside the
-    mask (weighted by a soft mask), ``ratio`` = inside / outside (higher = more local; inf when
-    nothing changed outside), ``mse``: over the whole image. ``lpips``: None unless requested
-    and available; ``note`` says why not.
-    """
-
-    mse_inside: float
-    mse_outside: float
-    ratio: float
-    mse: float
-    lpips: float | None = None
-    note: str = ""
-
-
-def _image_batch(x: Any, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"{name} must be a torch.Tensor image (C, H, W) or (B, C, H, W), "
-                         f"got {type(x).__name__}")
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4:
-        raise InputError(f"{name} must have shape (C, H, W) or (B, C, H, W), "
-                         f"got {tuple(x.shape)}")
-    return x.detach().to(torch.float64)
-
-
-def _lpips_distance(before: torch.Tensor, after: torch.Tensor) -> tuple[float | None, str]:
-    """LPIPS (AlexNet) when the ``lpips`` package and cached weights exist; never downloads."""
-    try:
-        import lpips as lpips_pkg  # type: ignore[import-not-found]
-    except ImportError:
-        return None, "LPIPS not computed: the `lpips` package is not installed"
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / _ALEXNET_WEIGHTS
-    if not hub.is_file():
-        return None, (f"LPIPS not computed: torchvision AlexNet weights are not cached "
-                      f"({hub}); diffgeo does not download them")
-    net = lpips_pkg.LPIPS(net="alex", verbose=False).eval()
-    with torch.no_grad():
-        d = net(before.float(), after.float())
-    return float(d.mean()), "LPIPS (AlexNet, lpips package)"
-
-
-def edit_locality(before: torch.Tensor, after: torch.Tensor, mask: Any, *,
-                  lpips: bool = False) -> Locality:
-    """MSE of ``after - before`` inside vs outside ``mask`` and their ratio.
-
-    Images (C, H, W) or (B, C, H, W) in [-1, 1], same shape; ``mask`` (H, W) (or with leading
-    singleton axes) in [0, 1] at the images' resolution, 1 = region. Soft masks weight pixels.
-    ``lpips=True`` adds LPIPS only if it is available locally (the ``lpips`` package and cached
-    AlexNet weights); otherwise ``lpips`` stays None and ``note`` says so — nothing is
-    downloaded.
-    """
-    b = _image_batch(before, "before")
-    a = _image_batch(after, "after")
-    if b.shape != a.shape:
-        raise InputError(f"before and after must have the same shape, got {tuple(b.shape)} and "
-                         f"{tuple(a.shape)}")
-    m = _as_mask_tensor(mask)
-    if tuple(m.shape) != tuple(b.shape[-2:]):
-        raise InputError(f"mask is {m.shape[0]}x{m.shape[1]} but the images are "
-                         f"{b.shape[-2]}x{b.shape[-1]}")
-    w_in = m.to(b)[None, None]
-    w_out = 1 - w_in
-    if float(w_in.sum()) == 0 or float(w_out.sum()) == 0:
-        raise InputError("mask must have pixels both inside and outside the region")
-    d2 = (a - b) ** 2
-    per = d2.shape[0] * d2.shape[1]
-    mse_in = float((d2 * w_in).sum() / (w_in.sum() * per))
-    mse_out = float((d2 * w_out).sum() / (w_out.sum() * per))
-    ratio = mse_in / mse_out if mse_out > 0 else (math.inf if mse_in > 0 else math.nan)
-    note = ""
-    value = None
-    if lpips:
-        value, note = _lpips_distance(b, a)
-    return Locality(mse_inside=mse_in, mse_outside=mse_out, ratio=ratio,
-                    mse=float(d2.mean()), lpips=value, note=note)
