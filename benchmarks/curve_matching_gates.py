@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.backbones import load_backbone
 from diffgeo.curves import (
     Component,
@@ -52,7 +52,6 @@ from diffgeo.curves import (
     salient_and_background_pixels,
 )
 from diffgeo.data import bundled_scenes
-from diffgeo.ddim import Trajectory
 from diffgeo.editing import mean_fill, repaint, tasks
 from diffgeo.editing.curve_matching import (
     CurveMatchingConfig,
@@ -61,6 +60,7 @@ from diffgeo.editing.curve_matching import (
     full_path,
     state_region,
 )
+from diffgeo.sampling import Trajectory
 
 
 def as_tensor(image: np.ndarray) -> torch.Tensor:
@@ -113,10 +113,12 @@ def with_decode_blend(bb, image: torch.Tensor, region: np.ndarray, res: CurveMat
                       cfg: CurveMatchingConfig) -> torch.Tensor:
     """The same optimised X_t decoded with decode_blend (pasting the unedited path outside the
     region above t_blend) instead of the paper's plain decode: one extra decode, no re-run."""
+    grid = sampling.Grid.for_model(bb, cfg.num_steps)
+    cfg = cfg.on_grid(grid)
     with torch.no_grad():
-        x_orig = ddim.invert(bb, bb.to_state(image.to(bb.device, bb.dtype)), cfg.t,
-                             cfg.num_steps).last
-        orig_path = full_path(bb, x_orig, cfg.t, cfg.num_steps, None)
+        x_orig = sampling.invert(bb, bb.to_state(image.to(bb.device, bb.dtype)), cfg.t,
+                                 grid).last
+        orig_path = full_path(bb, x_orig, cfg.t, grid, None)
         x0 = blended_decode(bb, res.state.to(bb.device), orig_path, state_region(bb, region),
                             cfg, None)
     return bb.to_image(x0).clamp(-1, 1).cpu()
@@ -177,9 +179,9 @@ def removal_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- saliency
 def region_fluctuation(bb, image: torch.Tensor, pixels: tuple[tuple[int, int], ...],
                        num_steps: int) -> float:
-    grid = ddim.ddim_grid(bb.num_train_timesteps, num_steps)
+    grid = sampling.Grid.for_model(bb, num_steps)
     with torch.no_grad():
-        inv = ddim.invert(bb, bb.to_state(image.to(bb.device, bb.dtype)), grid[-1], num_steps)
+        inv = sampling.invert(bb, bb.to_state(image.to(bb.device, bb.dtype)), grid.top, grid)
     curves = generation_curves(bb, inv, [Component("region", pixels)], "h")
     return float(fluctuation(curves.values[0], curves.timesteps))
 
@@ -243,9 +245,10 @@ def saliency_gate(bb, scenes, args, out: Path) -> dict[str, Any]:
         imgs = [x]
         cfg = CurveMatchingConfig(iterations=args.saliency_iterations, seed=i,
                                   decode_blend=False)
+        cfg = cfg.on_grid(sampling.Grid.for_model(bb, cfg.num_steps))
         with torch.no_grad():
-            x_t = ddim.invert(bb, bb.to_state(x.to(bb.device, bb.dtype)), cfg.t,
-                              cfg.num_steps).last
+            x_t = sampling.invert(bb, bb.to_state(x.to(bb.device, bb.dtype)), cfg.t,
+                                  cfg.num_steps).last
         lat_before = latent_region_fluctuation(bb, x_t, cfg.t, cfg.num_steps, pixels)
         row["latent_fluctuation_before"] = lat_before
         for direction in ("decrease", "increase"):

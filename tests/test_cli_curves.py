@@ -18,7 +18,7 @@ from conftest import _assert_user_error
 from PIL import Image
 from typer.testing import CliRunner
 
-from diffgeo import ddim, verbs
+from diffgeo import sampling, verbs
 from diffgeo.backbones import load_backbone
 from diffgeo.cli import app
 from diffgeo.curves import DEFINITIONS, generation_curves, pixel_component
@@ -143,7 +143,7 @@ def test_curves_pixel_is_the_fitted_model_pixel(curves_h, tiny, image):
     computed here without the CLI from the same fitted image."""
     bb = load_backbone(tiny)
     x, _ = load_image(image, size=bb.image_size, fit="crop")
-    inv = ddim.invert(bb, x.to(bb.dtype), GRID[-1], STEPS)
+    inv = sampling.invert(bb, x.to(bb.dtype), GRID[-1], STEPS)
     comps = [pixel_component(bb, p) for p in PIXELS.values()]
     c = generation_curves(bb, inv, comps, "h")
     with np.load(curves_h / "curves.npz") as z:

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from diffgeo import sampling as ddim
+from diffgeo import sampling
 from diffgeo.backbones import load_backbone
 from diffgeo.curves import pixel_direction
 from diffgeo.editing import tasks
@@ -157,7 +157,7 @@ def test_batched_rates_equal_single_rates_and_their_gradients(bb64):
 
 
 def test_faithful_walk_covers_targets_above_and_below(pixel_bb, monkeypatch):
-    x = ddim.invert(pixel_bb, _image(), 500, 10).last
+    x = sampling.invert(pixel_bb, _image(), 500, 10).last
     walked = walk_to(pixel_bb, x, 500, [200, 800, 500, 300], 10, None)
     path = full_path(pixel_bb, x, 500, 10, None)
     for t in (200, 300, 500, 800):
@@ -181,7 +181,7 @@ def test_localized_blending_restores_the_outside_exactly(pixel_bb):
                               loss="minimize", lr=0.1)
     res = curve_matching(pixel_bb, _image(), REGION, cfg)
     assert res.history[-1]["blended"]
-    x_orig = ddim.invert(pixel_bb, _image(), 600, 10).last
+    x_orig = sampling.invert(pixel_bb, _image(), 600, 10).last
     outside = (REGION == 0)[None, None].expand_as(x_orig)
     assert torch.equal(res.state[outside], x_orig[outside])
     assert not torch.equal(res.state, x_orig)  # the inside moved
@@ -194,7 +194,7 @@ def test_outside_is_restored_after_the_last_iteration_too(pixel_bb, iterations, 
                               blend_every=blend_every, t_blend=500, loss="minimize", lr=0.1)
     res = curve_matching(pixel_bb, _image(), REGION, cfg)
     assert not res.history[-1]["blended"] and res.settings["final_blend"]
-    x_orig = ddim.invert(pixel_bb, _image(), 600, 10).last
+    x_orig = sampling.invert(pixel_bb, _image(), 600, 10).last
     outside = (REGION == 0)[None, None].expand_as(x_orig)
     assert torch.equal(res.state[outside], x_orig[outside])
     no_blend = curve_matching(pixel_bb, _image(), REGION,
@@ -205,7 +205,7 @@ def test_outside_is_restored_after_the_last_iteration_too(pixel_bb, iterations, 
 
 def _edited_state(bb, t=600, steps=10):
     """An inverted X_t with its region replaced by noise, and the unedited path through it."""
-    x_orig = ddim.invert(bb, _image(), t, steps).last
+    x_orig = sampling.invert(bb, _image(), t, steps).last
     noise = torch.randn(x_orig.shape, generator=torch.Generator().manual_seed(9))
     mask = REGION[None, None]
     return x_orig * (1 - mask) + noise * mask, x_orig, full_path(bb, x_orig, t, steps, None)
@@ -215,7 +215,7 @@ def test_blended_decode_oracles(pixel_bb):
     edited, x_orig, orig_path = _edited_state(pixel_bb)
     mask = REGION[None, None]
     cfg = CurveMatchingConfig(t=600, num_steps=10, t_blend=300)
-    plain = ddim.generate(pixel_bb, x_orig, 600, 10).last
+    plain = sampling.generate(pixel_bb, x_orig, 600, 10).last
     # Nothing edited: pasting the unedited path back changes nothing.
     assert torch.allclose(blended_decode(pixel_bb, x_orig, orig_path, mask, cfg, 10, None),
                           plain,
@@ -223,12 +223,12 @@ def test_blended_decode_oracles(pixel_bb):
     # t_blend at or above t: no level to blend at, the paper's decode.
     high = CurveMatchingConfig(t=600, num_steps=10, t_blend=600)
     assert torch.equal(blended_decode(pixel_bb, edited, orig_path, mask, high, 10, None),
-                       ddim.generate(pixel_bb, edited, 600, 10).last)
+                       sampling.generate(pixel_bb, edited, 600, 10).last)
     # Blending down to level 100: the outside is the unedited path's level-100 state taken
     # through the last two steps, so it stays far closer to the unedited result.
     low = CurveMatchingConfig(t=600, num_steps=10, t_blend=0)
     out = blended_decode(pixel_bb, edited, orig_path, mask, low, 10, None)
-    free = ddim.generate(pixel_bb, edited, 600, 10).last
+    free = sampling.generate(pixel_bb, edited, 600, 10).last
     outside = (REGION == 0)[None, None].expand_as(out)
     err_blend = (out - plain)[outside].abs().max()
     err_free = (free - plain)[outside].abs().max()
@@ -244,18 +244,18 @@ def test_decode_blend_setting_is_used(pixel_bb):
     ours = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(**cfg))  # default
     assert torch.equal(paper.state, ours.state)  # the optimisation is the same
     assert ours.settings["decode_blend"] and not paper.settings["decode_blend"]
-    x_orig = ddim.invert(pixel_bb, _image(), 600, 10).last
+    x_orig = sampling.invert(pixel_bb, _image(), 600, 10).last
     expected = blended_decode(pixel_bb, ours.state, full_path(pixel_bb, x_orig, 600, 10, None),
                               REGION[None, None], CurveMatchingConfig(**cfg), 10, None)
     assert torch.allclose(ours.image, pixel_bb.to_image(expected).clamp(-1, 1), atol=1e-6)
     assert torch.allclose(paper.image, pixel_bb.to_image(
-        ddim.generate(pixel_bb, paper.state, 600, 10).last).clamp(-1, 1), atol=1e-6)
+        sampling.generate(pixel_bb, paper.state, 600, 10).last).clamp(-1, 1), atol=1e-6)
     # Without localized editing nothing is blended: the decode is the paper's too.
     free = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(
         **{**cfg, "localized": False}))
     assert not free.settings["decode_blend"]
     assert torch.allclose(free.image, pixel_bb.to_image(
-        ddim.generate(pixel_bb, free.state, 600, 10).last).clamp(-1, 1), atol=1e-6)
+        sampling.generate(pixel_bb, free.state, 600, 10).last).clamp(-1, 1), atol=1e-6)
 
 
 def test_minimize_lowers_the_rate_and_history_is_complete(pixel_bb):
@@ -317,7 +317,7 @@ def test_match_outside_stats_keeps_the_region_on_the_background_statistics(pixel
     kept = curve_matching(pixel_bb, _image(), REGION,
                           CurveMatchingConfig(match_outside_stats=True, **cfg))
     assert kept.settings["match_outside_stats"] and not free.settings["match_outside_stats"]
-    x_orig = ddim.invert(pixel_bb, _image(), 600, 10).last
+    x_orig = sampling.invert(pixel_bb, _image(), 600, 10).last
     inside = REGION > 0.5
     target_std = x_orig[:, :, ~inside].std(-1, unbiased=False)
     kept_std = kept.state[:, :, inside].std(-1, unbiased=False)
@@ -332,7 +332,7 @@ def test_match_outside_stats_keeps_the_region_on_the_background_statistics(pixel
 
 
 def test_full_path_passes_through_x_t(pixel_bb):
-    x = ddim.invert(pixel_bb, _image(), 500, 10).last
+    x = sampling.invert(pixel_bb, _image(), 500, 10).last
     path = full_path(pixel_bb, x, 500, 10, None)
     assert sorted(path) == list(Grid.for_model(pixel_bb, 10)) and torch.equal(path[500], x)
 
@@ -406,7 +406,7 @@ def test_curve_matching_on_a_latent_model_keeps_the_outside_latents(sd_bb):
     assert res.image.shape == (1, 3, 16, 16) and torch.isfinite(res.image).all()
     assert res.state.shape == (1, *sd_bb.state_shape)
     with torch.no_grad():
-        x_orig = ddim.invert(sd_bb, sd_bb.to_state(_image()), t, steps, cond).last
+        x_orig = sampling.invert(sd_bb, sd_bb.to_state(_image()), t, steps, cond).last
     mask = sd_bb.state_region(REGION)[0, 0]
     assert 0 < float(mask.sum()) < mask.numel() and ((mask > 0) & (mask < 1)).any()
     untouched = (mask == 0)[None, None].expand_as(x_orig)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.backbones import linear_gaussian
 from diffgeo.curves import (
     fluctuation,
@@ -33,7 +33,7 @@ def gaussian():
 def test_h_curve_equals_closed_form(gaussian):
     bb = gaussian
     x0 = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    inv = ddim.invert(bb, x0, t=700, grid=20)
+    inv = sampling.invert(bb, x0, t=700, grid=20)
     V = torch.stack([pixel_direction(bb, (1, 2)), pixel_direction(bb, (3, 0), channel=2)])
     curves = generation_curves(bb, inv, V, chunk=1)
     lam, Q = bb.gaussian["eigenvalues"], bb.gaussian["eigenvectors"]
@@ -52,7 +52,7 @@ def test_curves_keep_the_backbones_dtype(gaussian):
     closed-form checks at ~1e-7 relative); a float32 backbone still gives float32."""
     bb = gaussian
     x0 = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    inv = ddim.invert(bb, x0, 700, 20)
+    inv = sampling.invert(bb, x0, 700, 20)
     V = torch.stack([pixel_direction(bb, (1, 2)), pixel_direction(bb, (3, 0), channel=2)])
     curves = generation_curves(bb, inv, V)
     assert curves.values.dtype == torch.float64
@@ -69,7 +69,7 @@ def test_curves_keep_the_backbones_dtype(gaussian):
     assert torch.allclose(proj.values, expected, rtol=1e-12, atol=0)
     bb32 = linear_gaussian(bb.gaussian["mean"], bb.gaussian["cov"], bb.alphas_cumprod,
                            state_shape=(3, 4, 4), dtype=torch.float32)
-    c32 = generation_curves(bb32, ddim.invert(bb32, x0.float(), 700, 20), V.float())
+    c32 = generation_curves(bb32, sampling.invert(bb32, x0.float(), 700, 20), V.float())
     assert c32.values.dtype == torch.float32
     assert torch.allclose(c32.values.double(), expected, rtol=1e-5)
 
@@ -110,4 +110,4 @@ def test_pixel_cells_and_errors(gaussian):
         pixel_direction(gaussian, (0, 0), channel=3)
     with pytest.raises(InputError, match="definition"):
         x0 = torch.zeros(1, 3, 4, 4, dtype=torch.float64)
-        generation_curves(gaussian, ddim.invert(gaussian, x0, 100, 10), v, definition="nope")
+        generation_curves(gaussian, sampling.invert(gaussian, x0, 100, 10), v, definition="nope")

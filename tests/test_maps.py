@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.backbones import linear_gaussian, load_backbone
 from diffgeo.curves import (
     generation_curves,
@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
         export_model(build_unet("tiny-16"), path)
     bb = load_backbone(path)
     x0 = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    inv = ddim.invert(bb, x0, 500, 20)
+    inv = sampling.invert(bb, x0, 500, 20)
     return bb, inv
 
 
@@ -117,7 +117,7 @@ def test_maps_keep_the_backbones_float64_and_a_full_basis_is_exact(gaussian):
         expected = (J @ cells).norm(dim=0).reshape(4, 4)
         assert torch.allclose(m.values, expected, rtol=1e-12, atol=0), m.estimator
     assert upsample_to_image(eps_map.values, (8, 8)).dtype == torch.float64
-    inv = ddim.invert(bb, x, 900, 10)
+    inv = sampling.invert(bb, x, 900, 10)
     maps = rate_maps_along(bb, inv, "eps", k=32)
     assert maps.values.dtype == torch.float64 and maps.saliency(t_min=0).dtype == torch.float64
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.backbones import FunctionalBackbone, linear_gaussian, load_backbone
 from diffgeo.editing import rbe
 from diffgeo.editing.rbe import (
@@ -94,7 +94,7 @@ SMALL_MASK = box_mask((1, 2, 5, 6), (8, 8))
 def oracle(small64):
     """X_t (DDIM inversion to t = 500, 40 steps) and the dense Jacobian ∂ε/∂h there."""
     x0 = _image(small64, 1)
-    xt = ddim.invert(small64, x0, T, STEPS).last
+    xt = sampling.invert(small64, x0, T, STEPS).last
     enc = small64.encode(xt, T)
     h = enc.h.detach()
 
@@ -314,7 +314,8 @@ def test_asymmetric_step_decomposition(small64):
         assert torch.equal(D2, D) and not torch.allclose(P2, P)
         # No edit: bit-identical to a plain DDIM step.
         same = asymmetric_step(small64, x, t, t_prev, e_orig, e_orig)[0]
-        assert torch.equal(same, ddim.ddim_step(small64, x, t, t_prev, e_orig))
+        assert torch.equal(same, sampling.ddim_step(x, e_orig, sampling.alpha_bar(small64, t),
+                                                      sampling.alpha_bar(small64, t_prev)))
 
 
 def test_apply_direction_against_hand_computed_steps(small64, oracle, oracle_dirs):
@@ -334,7 +335,7 @@ def test_apply_direction_against_hand_computed_steps(small64, oracle, oracle_dir
         ab_t, ab_p = (float(small64.alphas_cumprod[s]) for s in (t, t_prev))
         P = (x - math.sqrt(1 - ab_t) * e_edit) / math.sqrt(ab_t)
         x = math.sqrt(ab_p) * P + math.sqrt(1 - ab_p) * e_orig
-    expected = ddim.generate(small64, x, 450, STEPS).last
+    expected = sampling.generate(small64, x, 450, STEPS).last
     assert torch.allclose(res.states, expected, rtol=1e-10, atol=1e-10)
     # "replace" puts ε_edit in both terms: a different (mostly cancelled) result.
     rep = apply_direction(small64, oracle["x0"], d, 1, [alpha], window=(475, 500),
@@ -347,12 +348,13 @@ def test_apply_direction_against_hand_computed_steps(small64, oracle, oracle_dir
 def test_zero_strength_is_plain_ddim_exactly(tiny, tiny_dirs):
     x0, dirs = tiny_dirs
     res = apply_direction(tiny, x0, dirs["rbe"], 2, [0.0, 5.0, -5.0])
-    plain = ddim.generate(tiny, ddim.invert(tiny, x0, T, STEPS).last, T, STEPS).last
+    plain = sampling.generate(tiny, sampling.invert(tiny, x0, T, STEPS).last, T, STEPS).last
     assert torch.equal(res.states[0:1], plain)
     assert torch.equal(res.reconstruction, plain.clamp(-1, 1))
     assert not torch.allclose(res.states[1], res.states[2])
     assert res.strengths == [0.0, 5.0, -5.0] and res.images.shape == (3, 3, 16, 16)
-    assert res.edited_timesteps == ddim.grid_up_to(tiny, T, STEPS)  # default window: all steps
+    # default window: all steps
+    assert res.edited_timesteps == list(sampling.Grid.for_model(tiny, STEPS).up_to(T))
     assert len(res.strip()) == 4 and float(res.images.abs().max()) <= 1
 
 
@@ -392,7 +394,7 @@ def test_save_load_round_trip(tmp_path, oracle_dirs, tiny_dirs):
 
 def test_same_generator_same_directions(tiny):
     x0 = _image(tiny, 4)
-    xt = ddim.invert(tiny, x0, T, STEPS).last
+    xt = sampling.invert(tiny, x0, T, STEPS).last
 
     def run(gen):
         return directions_at(tiny, xt, T, TINY_MASK, power_passes=3, generator=gen)
@@ -556,7 +558,7 @@ def test_rediscover_on_a_unet_tracks_and_keeps_zero_strength_exact(tiny, tiny_di
     align = res.settings["rediscover_alignment"]
     assert len(align) == len(res.edited_timesteps) >= 2
     assert all(0.0 <= a <= 1.0 + 1e-6 for a in align)
-    plain = ddim.generate(tiny, ddim.invert(tiny, x0, T, STEPS).last, T, STEPS).last
+    plain = sampling.generate(tiny, sampling.invert(tiny, x0, T, STEPS).last, T, STEPS).last
     assert torch.equal(res.states[0:1], plain)
     fixed = apply_direction(tiny, x0, dirs["rbe"], 0, [0.3], window=(400, T))
     # the re-found directions differ from the discovery one away from t_edit, so must the edit

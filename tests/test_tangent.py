@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.backbones import FunctionalBackbone, linear_gaussian, load_backbone
-from diffgeo.ddim import Trajectory
 from diffgeo.errors import InputError
 from diffgeo.jacobian import batched_jvp
+from diffgeo.sampling import Trajectory
 from diffgeo.tangent import (
     PowerIterationConfig,
     TangentBasis,
@@ -275,7 +275,7 @@ def test_warm_start_is_exact_when_the_tangent_space_does_not_move(gauss):
     """The Gaussian's singular vectors are the same at every t: a warm start is already
     converged, and the residual check on the start block confirms it without a pass."""
     x0 = gauss.gaussian["mean"][None].clone()
-    traj = ddim.invert(gauss, x0, T_PIXEL, 10)
+    traj = sampling.invert(gauss, x0, T_PIXEL, 10)
     bases = tangent_bases_along(gauss, traj, k=3, tol=1e-10, max_iter=300)
     assert list(bases) == traj.noisy_timesteps()
     first, *rest = bases.values()
@@ -297,7 +297,7 @@ def test_warm_start_is_exact_when_the_tangent_space_does_not_move(gauss):
 def test_warm_start_along_a_unet_trajectory(unet8):
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(1, *unet8.state_shape, generator=g, dtype=torch.float64) * 2 - 1
-    traj = ddim.invert(unet8, x0, T_PIXEL, 10)
+    traj = sampling.invert(unet8, x0, T_PIXEL, 10)
     kw = dict(k=3, oversample=3, tol=1e-5)
     cold = tangent_bases_along(unet8, traj, warm_start=False, **kw)
     warm = tangent_bases_along(unet8, traj, warm_start=True, **kw)
@@ -316,7 +316,7 @@ def test_cheap_mode_costs_and_first_timestep(gauss):
     check's min(m, k+1); along a trajectory the first (cold) timestep still iterates to
     convergence unless converge_first=False."""
     x0 = gauss.gaussian["mean"][None].clone()
-    traj = ddim.invert(gauss, x0, 300, 10)
+    traj = sampling.invert(gauss, x0, 300, 10)
     bases = tangent_bases_along(gauss, traj, k=2, oversample=2, power_passes=1, tol=1e-10)
     first, *rest = bases.values()
     assert first.converged and first.settings["power_passes"] is None
@@ -433,7 +433,7 @@ def test_bad_states_and_trajectories(gauss, unet8):
         b.project(torch.zeros(3, 47, dtype=torch.float64))
     with pytest.raises(InputError, match="trajectory must be"):
         tangent_bases_along(gauss, [x])
-    grid = ddim.invert(gauss, x, 100, 10).grid
+    grid = sampling.invert(gauss, x, 100, 10).grid
     two = Trajectory([None, 0], [x.repeat(2, 1)] * 2, "inversion", grid)
     with pytest.raises(InputError, match="batch 1"):
         tangent_bases_along(gauss, two)
@@ -500,7 +500,7 @@ def test_config_normalises_is_frozen_and_combines_with_keywords(gauss):
     c = tangent_basis(gauss, x, 100, k=2, tol=1e-8, config=PowerIterationConfig(oversample=2))
     assert torch.equal(a.vectors, b.vectors) and torch.equal(a.vectors, c.vectors)
     assert a.settings == b.settings and a.settings["oversample"] == 2
-    along = tangent_bases_along(gauss, ddim.invert(gauss, x, 300, 10),
+    along = tangent_bases_along(gauss, sampling.invert(gauss, x, 300, 10),
                                 config=PowerIterationConfig(k=2, power_passes=1, tol=1e-8))
     first, *rest = along.values()
     assert first.settings["power_passes"] is None and rest[0].settings["power_passes"] == 1

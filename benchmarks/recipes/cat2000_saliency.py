@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffgeo import ddim
+from diffgeo import sampling
 from diffgeo.backbones import load_backbone
 from diffgeo.curves import generation_curves, pixel_component
 from diffgeo.io import load_image, load_mask
@@ -71,7 +71,8 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     chosen = pairs(args.data)
     idx = rng.permutation(len(chosen))[: args.images]
-    top = ddim.ddim_grid(bb.num_train_timesteps, args.steps)[-1]
+    grid = sampling.Grid.for_model(bb, args.steps)
+    top = grid.top
     records = []
     start = time.time()
     for i in tqdm(idx, desc="CAT2000"):
@@ -83,7 +84,7 @@ def main() -> None:
         s_px, b_px = pick_pixels(sal, rng, args.quantile)
         with torch.no_grad():
             state = bb.to_state(x.to(bb.device, bb.dtype))
-        inv = ddim.invert(bb, state, top, args.steps, cond)
+        inv = sampling.invert(bb, state, top, grid, cond)
         f = generation_curves(bb, inv, [pixel_component(bb, s_px), pixel_component(bb, b_px)],
                               args.definition, cond).fluctuation(5, 200)
         records.append({"image": str(img_path), "salient": s_px, "background": b_px,

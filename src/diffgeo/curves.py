@@ -22,9 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffgeo.backbones.base import Backbone, Conditioning
-from diffgeo.ddim import Trajectory, alpha_bar, step_coefficients
 from diffgeo.errors import InputError
 from diffgeo.jacobian import batched_jvp
+from diffgeo.sampling import Grid, Trajectory, alpha_bar, invert, step_coefficients
 from diffgeo.tangent import TangentBasis, tangent_basis
 
 DEFINITIONS = ("exact", "eps", "h-proj", "h")
@@ -307,7 +307,7 @@ class SaliencyCheck:
 
 
 def saliency_check(backbone: Backbone, images: torch.Tensor, masks: Sequence[np.ndarray],
-                   definition: str = "h", num_steps: int = 50, t: int | None = None,
+                   definition: str = "h", grid: Grid | int = 50, t: int | None = None,
                    window: int = 5, t_min: int = 200, k: int = 3, seed: int = 0,
                    margin: int = 3, cond: Conditioning | None = None,
                    progress: bool = False) -> SaliencyCheck:
@@ -315,21 +315,19 @@ def saliency_check(backbone: Backbone, images: torch.Tensor, masks: Sequence[np.
     interior) and one non-salient pixel (``salient_and_background_pixels``, generator seeded with
     ``seed``), trace both curves along the image's DDIM inversion path, and report the fraction
     of images where the salient curve fluctuates more (the paper: 86% with SD 2.1)."""
-    from diffgeo import ddim
-
     if len(images) != len(masks):
         raise InputError(f"{len(images)} images but {len(masks)} masks")
     if len(images) == 0:
         raise InputError("saliency_check needs at least one image")
-    grid = ddim.ddim_grid(backbone.num_train_timesteps, num_steps)
-    t_top = grid[-1] if t is None else t
+    g = Grid.resolve(backbone, grid)
+    t_top = g.top if t is None else g.check(t)
     rng = np.random.default_rng(seed)
     sal, bg, pix = [], [], []
     for i in tqdm(range(len(images)), desc="saliency check", disable=not progress):
         s_px, b_px = salient_and_background_pixels(np.asarray(masks[i]), rng, margin)
         with torch.no_grad():
             state = backbone.to_state(images[i:i + 1].to(backbone.device, backbone.dtype))
-        inv = ddim.invert(backbone, state, t_top, num_steps, cond)
+        inv = invert(backbone, state, t_top, g, cond)
         comps = [pixel_component(backbone, s_px), pixel_component(backbone, b_px)]
         f = generation_curves(backbone, inv, comps, definition, cond, k=k).fluctuation(
             window, t_min)
@@ -338,5 +336,6 @@ def saliency_check(backbone: Backbone, images: torch.Tensor, masks: Sequence[np.
         pix.append((s_px, b_px))
     frac = float(np.mean([a > b for a, b in zip(sal, bg, strict=True)]))
     return SaliencyCheck(frac, sal, bg, pix, {
-        "definition": definition, "num_steps": num_steps, "t": t_top, "window": window,
-        "t_min": t_min, "k": k, "seed": seed, "margin": margin, "images": len(images)})
+        "definition": definition, "num_steps": g.num_steps, "grid": g.to_dict(), "t": t_top,
+        "window": window, "t_min": t_min, "k": k, "seed": seed, "margin": margin,
+        "images": len(images)})

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from diffgeo import ddim, verbs
+from diffgeo import sampling, verbs
 from diffgeo.backbones.base import Backbone
 from diffgeo.data.scenes import Scene, SceneConfig, bundled_scenes, generate_scenes
 from diffgeo.errors import InputError
 from diffgeo.io import ResultDir
 from diffgeo.plots import grouped_bars
-from diffgeo.verbs.common import environment, grid_timesteps, time_grid
+from diffgeo.verbs.common import environment, time_grid
 
 
 @dataclass
@@ -42,8 +42,8 @@ class DemoContext:
         arr = torch.stack([torch.from_numpy(s.composite).permute(2, 0, 1) for s in scenes])
         return (arr * 2 - 1).to(self.backbone.device, self.backbone.dtype)
 
-    def grid(self, steps: int | None = None) -> list[int]:
-        return grid_timesteps(self.backbone, time_grid(self.backbone, steps or self.steps))
+    def grid(self, steps: int | None = None) -> sampling.Grid:
+        return time_grid(self.backbone, steps or self.steps)
 
     def scene_file(self, name: str, scene: Scene) -> Path:
         """The scene's composite as a PNG beside the page: the input a verb reads."""
@@ -85,9 +85,9 @@ def section_samples(ctx: DemoContext) -> Section:
     n = 8 if ctx.quick else 16
     g = torch.Generator().manual_seed(ctx.seed)
     noise = torch.randn(n, *bb.state_shape, generator=g).to(bb.device, bb.dtype)
-    t_top = ctx.grid()[-1]
+    grid = ctx.grid()
     with torch.no_grad():
-        out = ddim.generate(bb, noise, t_top, time_grid(bb, ctx.steps),
+        out = sampling.generate(bb, noise, grid.top, grid,
                             clip_x0=bb.kind == "pixel").last
         images = bb.to_image(out).float().cpu()
     per_row = 8
@@ -96,7 +96,7 @@ def section_samples(ctx: DemoContext) -> Section:
         ctx.results.save_strip(f"samples-{r}.png", [x[None] for x in row])
     imgs = "".join(_img(f"samples-{r}.png", "", width=per_row * 96) for r in range(len(rows)))
     clip = ", x̂0 clipped to [-1, 1]" if bb.kind == "pixel" else ""
-    return Section("Samples", f"<p>{n} samples, DDIM {ctx.steps} steps from t={t_top}{clip}, "
+    return Section("Samples", f"<p>{n} samples, DDIM {ctx.steps} steps from t={grid.top}{clip}, "
                    f"seed {ctx.seed}.</p>{imgs}")
 
 
@@ -106,7 +106,7 @@ def section_inversion(ctx: DemoContext) -> Section:
     k = 2 if ctx.quick else 6
     scenes = ctx.scenes[:k]
     grid = ctx.grid()
-    t = 700 if 700 in grid else grid[-1]
+    t = 700 if 700 in grid else grid.top
     cells = []
     scores: dict[str, list[float]] = {"plain": [], "exact": []}
     iters: list[int] = []
@@ -154,7 +154,7 @@ def section_curves(ctx: DemoContext) -> Section:
     image = ctx.scene_file("curves-input.png", scene)
     rng = np.random.default_rng(ctx.seed)
     obj, bgp = C.salient_and_background_pixels(scene.mask, rng)
-    t_min = 200 if ctx.grid()[-1] > 300 else 0
+    t_min = 200 if ctx.grid().top > 300 else 0
     # Two pixels only: a region's curve costs one JVP per pixel per timestep; the region
     # contrast is read off the saliency map below, which covers every pixel at once.
     definition = "h" if ctx.quick else "all"
@@ -297,7 +297,7 @@ def section_curve_matching(ctx: DemoContext) -> Section:
 
     steps = 10 if ctx.quick else 50
     grid = ctx.grid(steps)
-    t = 700 if 700 in grid else grid[len(grid) * 7 // 10]
+    t = 700 if 700 in grid else grid.timesteps[len(grid) * 7 // 10]
     its = 4 if ctx.quick else 60
     common = dict(t=t, steps=steps, iterations=its, seed=ctx.seed,
                   refresh_every=max(1, its // 3), blend_every=max(1, its // 2))

@@ -31,9 +31,9 @@ from diffgeo.curves import (
     projected_operator,
     result_dtype,
 )
-from diffgeo.ddim import Trajectory
 from diffgeo.errors import InputError
 from diffgeo.jacobian import batched_vjp
+from diffgeo.sampling import Trajectory
 from diffgeo.tangent import TangentBasis, tangent_basis
 
 ESTIMATORS = ("gram", "probe", "lowrank", "loop")

@@ -52,9 +52,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffgeo.backbones.base import Backbone, Conditioning
-from diffgeo.ddim import Trajectory
 from diffgeo.errors import InputError
 from diffgeo.jacobian import OUTPUTS, batched_jvp, batched_vjp
+from diffgeo.sampling import Trajectory
 
 __all__ = ["DEFAULT_SEED", "PowerIterationConfig", "PowerIterationResult", "TangentBasis",
            "block_power_iteration", "power_config", "principal_angles", "tangent_basis",
@@ -656,7 +656,7 @@ def tangent_bases_along(backbone: Backbone, trajectory: Trajectory, k: int | Non
     cfg = power_config(config, k=k, max_iter=max_iter, tol=tol, oversample=oversample,
                        power_passes=power_passes)
     if not isinstance(trajectory, Trajectory):
-        raise InputError(f"trajectory must be a diffgeo.ddim.Trajectory, "
+        raise InputError(f"trajectory must be a diffgeo.sampling.Trajectory, "
                          f"got {type(trajectory).__name__}")
     if trajectory.first.shape[0] != 1:
         raise InputError(f"trajectory must be of one image (batch 1), got a batch of "

@@ -13,6 +13,7 @@ import torch
 from diffgeo.backbones.base import Backbone
 from diffgeo.errors import InputError
 from diffgeo.io import Fit, ResultDir
+from diffgeo.sampling import Grid
 from diffgeo.verbs.options import DType, ImageVerbOptions, ModelOptions
 
 
@@ -72,34 +73,12 @@ def region_mask(bb: Backbone, fit_info: Fit, mask: Path | None,
 
 
 # ----------------------------------------------------------------------------- the time grid
-# THE ONE PLACE TO SWITCH to diffgeo.sampling.Grid: while that package does not exist the
-# methods take the number of steps (an int); once it does, every verb passes the Grid built here
-# and records its to_dict().
-def time_grid(bb: Backbone, steps: int) -> Any:
-    """What the methods take as their grid argument: a Grid when diffgeo.sampling exists."""
-    try:
-        from diffgeo.sampling import Grid
-    except ImportError:
-        return steps
+def time_grid(bb: Backbone, steps: int) -> Grid:
+    """The grid every verb passes to its method: ``steps`` steps on the model's own grid rule."""
     return Grid.for_model(bb, steps)
 
 
-def grid_timesteps(bb: Backbone, grid: Any) -> list[int]:
-    if isinstance(grid, int):
-        from diffgeo.ddim import ddim_grid
-
-        return [int(t) for t in ddim_grid(bb.num_train_timesteps, grid)]
-    return [int(t) for t in grid.timesteps]
-
-
-def grid_record(bb: Backbone, grid: Any) -> dict[str, Any]:
-    """The grid as settings.json records it."""
-    if isinstance(grid, int):
-        return {"num_steps": grid, "timesteps": grid_timesteps(bb, grid)}
-    return grid.to_dict()
-
-
-def base_settings(verb: str, opts: ModelOptions, bb: Backbone, grid: Any = None,
+def base_settings(verb: str, opts: ModelOptions, bb: Backbone, grid: Grid | None = None,
                   **resolved: Any) -> dict[str, Any]:
     """The start of every settings.json: the verb, its options as resolved (``resolved``
     overrides, e.g. a t defaulted to the top of the grid; device and dtype as the backbone
@@ -111,7 +90,7 @@ def base_settings(verb: str, opts: ModelOptions, bb: Backbone, grid: Any = None,
                          "model": bb.name or opts.model, "device": str(bb.device),
                          "dtype": str(bb.dtype), "environment": environment()}
     if grid is not None:
-        s["sampling_grid"] = grid_record(bb, grid)
+        s["sampling_grid"] = grid.to_dict()
     return s
 
 

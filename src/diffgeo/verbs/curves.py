@@ -131,20 +131,14 @@ class SaliencyOptions(PathOptions, Seeded):
                              "definition; use 'gram' or 'loop' for projected ones")
 
 
-def _top(bb, grid: Any, t: int | None) -> int:
-    from diffgeo.verbs.common import grid_timesteps
-
-    return grid_timesteps(bb, grid)[-1] if t is None else t
-
-
 def _invert(bb, x, opts: PathOptions, cond, progress: bool):
-    from diffgeo import ddim
+    from diffgeo.sampling import invert
 
     grid = time_grid(bb, opts.steps)
-    t_top = _top(bb, grid, opts.t)
+    t_top = grid.top if opts.t is None else opts.t
     with torch.no_grad():
         state = bb.to_state(x)
-    return grid, t_top, ddim.invert(bb, state, t_top, grid, cond, progress=progress)
+    return grid, t_top, invert(bb, state, t_top, grid, cond, progress=progress)
 
 
 @dataclass

@@ -41,7 +41,7 @@ class InvertOptions(ImageVerbOptions):
 class InvertResult(Result):
     image: torch.Tensor | None = None  # the input as fitted, (1, C, H, W) in [-1, 1]
     reconstruction: torch.Tensor | None = None
-    trajectory: Any = None  # ddim.Trajectory of the inversion
+    trajectory: Any = None  # sampling.Trajectory of the inversion
     strip: list[torch.Tensor] | None = None
     psnr: float = float("nan")
 
@@ -66,7 +66,7 @@ def invert(opts: InvertOptions, backbone: Backbone | None = None,
            progress: bool = False) -> InvertResult:
     """DDIM-invert IMAGE to X_t, regenerate it, and save the trajectory, the reconstruction and
     its PSNR."""
-    from diffgeo import ddim
+    from diffgeo import sampling
     from diffgeo.metrics import image_psnr as psnr
 
     bb = backbone_for(opts, backbone)
@@ -75,9 +75,9 @@ def invert(opts: InvertOptions, backbone: Backbone | None = None,
     grid = time_grid(bb, opts.steps)
     with torch.no_grad():
         state = bb.to_state(x)
-        inv = ddim.invert(bb, state, opts.t, grid, cond, exact=opts.exact, tol=opts.tol,
+        inv = sampling.invert(bb, state, opts.t, grid, cond, exact=opts.exact, tol=opts.tol,
                           max_iter=opts.max_iter, progress=progress)
-        gen = ddim.generate(bb, inv.last, opts.t, grid, cond, progress=progress)
+        gen = sampling.generate(bb, inv.last, opts.t, grid, cond, progress=progress)
         recon = bb.to_image(gen.last)
         ceiling = bb.to_image(state) if bb.kind == "latent" else x
         shown = evenly_spaced(list(zip(inv.timesteps, inv.states, strict=True)), 6)
