@@ -58,7 +58,6 @@ from diffgeo.editing.curve_matching import (
     CurveMatchingResult,
     blended_decode,
     full_path,
-    state_region,
 )
 from diffgeo.sampling import Trajectory
 
@@ -119,8 +118,8 @@ def with_decode_blend(bb, image: torch.Tensor, region: np.ndarray, res: CurveMat
         x_orig = sampling.invert(bb, bb.to_state(image.to(bb.device, bb.dtype)), cfg.t,
                                  grid).last
         orig_path = full_path(bb, x_orig, cfg.t, grid, None)
-        x0 = blended_decode(bb, res.state.to(bb.device), orig_path, state_region(bb, region),
-                            cfg, None)
+        x0 = blended_decode(bb, res.state.to(bb.device), orig_path, bb.state_region(region), cfg,
+                            grid, None)
     return bb.to_image(x0).clamp(-1, 1).cpu()
 
 
@@ -191,10 +190,11 @@ def latent_region_fluctuation(bb, state: torch.Tensor, t: int, num_steps: int,
     """The region's fluctuation on the DDIM path through a state X_t itself (the optimiser's
     variable), not through the inversion of its decoded image: where the two disagree, the
     edit did not survive decoding."""
+    grid = sampling.Grid.for_model(bb, num_steps)
     with torch.no_grad():
-        path = full_path(bb, state.to(bb.device, bb.dtype), t, num_steps, None)
+        path = full_path(bb, state.to(bb.device, bb.dtype), t, grid, None)
     levels = sorted(path)
-    traj = Trajectory(levels, [path[lv] for lv in levels], "inversion")
+    traj = Trajectory(levels, [path[lv] for lv in levels], "inversion", grid)
     curves = generation_curves(bb, traj, [Component("region", pixels)], "h")
     return float(fluctuation(curves.values[0], curves.timesteps))
 
