@@ -563,3 +563,18 @@ def test_rediscover_on_a_unet_tracks_and_keeps_zero_strength_exact(tiny, tiny_di
     fixed = apply_direction(tiny, x0, dirs["rbe"], 0, [0.3], window=(400, T))
     # the re-found directions differ from the discovery one away from t_edit, so must the edit
     assert not torch.allclose(res.states[1], fixed.states[0])
+
+
+def test_default_t_lands_on_the_models_grid(sd_bb):
+    """t=None is the grid point nearest the paper's 500: 501 on the SD config's grid
+    (steps_offset=1), where 500 itself is refused; apply defaults to the discovery's t."""
+    H, W = sd_bb.image_size
+    mask = torch.zeros(H, W, dtype=torch.float64)
+    mask[: H // 2, : W // 2] = 1
+    cond = sd_bb.condition("")
+    x0 = sd_bb.to_state(torch.zeros(1, 3, H, W, dtype=sd_bb.dtype, device=sd_bb.device))
+    d = discover_directions(sd_bb, x0, mask, grid=10, k=1, max_iter=2, cond=cond)
+    assert d.timestep == 501 and d.settings["grid"]["timesteps"][0] == 1
+    assert apply_direction(sd_bb, x0, d, 0, [1.0], cond=cond).edited_timesteps[-1] == 501
+    with pytest.raises(InputError, match=r"t=500 is not on the 10-step leading grid \(offset 1"):
+        discover_directions(sd_bb, x0, mask, t=500, grid=10, k=1, cond=cond)

@@ -215,9 +215,9 @@ def section_rbe(ctx: DemoContext) -> Section:
     mask = ctx.mask_file("rbe-mask.png", torch.from_numpy(scene.mask))
     steps = 10 if ctx.quick else 40
     k = 2 if ctx.quick else 3
-    t = 500
-    dirs = ctx.run("directions", image=image, mask=mask, t=t, steps=steps, k=k,
+    dirs = ctx.run("directions", image=image, mask=mask, steps=steps, k=k,
                    seed=ctx.seed).directions
+    t = dirs.timestep  # the grid point nearest the paper's 500
     with torch.no_grad():
         state = bb.to_state(ctx.images([scene]))
     # The global direction (no mask) is the comparison no verb offers.

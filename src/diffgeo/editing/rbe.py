@@ -510,7 +510,16 @@ def directions_at(backbone: Backbone, xt: torch.Tensor, t: int, mask: Any | None
                      chunk=chunk, num_steps=num_steps, extra_settings={})
 
 
-def discover_directions(backbone: Backbone, x0: torch.Tensor, mask: Any, *, t: int = DEFAULT_T,
+def _discovery_grid(backbone: Backbone, grid: Grid | int, t: int | None) -> tuple[Grid, int]:
+    """The grid up to the discovery timestep: ``t`` checked on it, or (None) the grid point
+    nearest the paper's :data:`DEFAULT_T` (501 on a Stable Diffusion config)."""
+    g = Grid.resolve(backbone, grid)
+    t = g.nearest(DEFAULT_T) if t is None else g.check(t)
+    return g.up_to(t), t
+
+
+def discover_directions(backbone: Backbone, x0: torch.Tensor, mask: Any, *,
+                        t: int | None = None,
                         grid: Grid | int = DEFAULT_STEPS, k: int | None = None,
                         k_unmasked: int | None = None, project_against: str = "leading",
                         cond: Conditioning | None = None, max_iter: int | None = None,
@@ -523,15 +532,16 @@ def discover_directions(backbone: Backbone, x0: torch.Tensor, mask: Any, *, t: i
 
     ``x0`` is the image's clean *state* (``backbone.to_state(image)``; the image itself for pixel
     models), batch 1. ``t`` must be on ``grid`` (a Grid, or a number of steps on the model's own
-    grid; the error names the nearest grid timesteps). Defaults are the paper's: t = 500, 40
-    steps, k = 3, at most 50 passes. Power-iteration options as in :func:`directions_at`.
+    grid; the error names the nearest grid timesteps). Defaults are the paper's: t = 500 (the
+    grid point nearest it), 40 steps, k = 3, at most 50 passes. Power-iteration options as in
+    :func:`directions_at`.
     """
     _require_h(backbone)
     x0 = _check_x0(backbone, x0, "x0")
     cfg, k_u = _check_discovery_args(k, k_unmasked, max_iter, tol, oversample, power_passes,
                                      chunk, config)
     _check_projection(project_against)
-    g = Grid.resolve(backbone, grid).up_to(t)  # t on the grid, before any work
+    g, t = _discovery_grid(backbone, grid, t)  # t on the grid, before any work
     ms = state_mask(backbone, mask)
     inv = invert(backbone, x0, t, g, cond, progress=progress)
     return _discover(backbone, inv.last, t, ms, config=cfg, k_unmasked=k_u,
@@ -540,7 +550,7 @@ def discover_directions(backbone: Backbone, x0: torch.Tensor, mask: Any, *, t: i
                      extra_settings=dict(grid=g.to_dict(), inversion="ddim"))
 
 
-def global_directions(backbone: Backbone, x0: torch.Tensor, *, t: int = DEFAULT_T,
+def global_directions(backbone: Backbone, x0: torch.Tensor, *, t: int | None = None,
                       grid: Grid | int = DEFAULT_STEPS, k: int | None = None,
                       cond: Conditioning | None = None, max_iter: int | None = None,
                       tol: float | None = None, oversample: int | None = None,
@@ -549,13 +559,14 @@ def global_directions(backbone: Backbone, x0: torch.Tensor, *, t: int = DEFAULT_
                       progress: bool = False,
                       config: PowerIterationConfig | None = None) -> Directions:
     """Whole-image directions: the leading right singular vectors of ∂ε/∂h (no mask, no
-    projection) — the unsupervised global baseline (Semdiff-like) RBE is compared with.
+    projection) — the unsupervised global baseline (Semdiff-like) RBE is compared with. ``t``
+    and ``grid`` as in :func:`discover_directions`.
     Power-iteration options as in :func:`directions_at`."""
     _require_h(backbone)
     x0 = _check_x0(backbone, x0, "x0")
     cfg, _ = _check_discovery_args(k, None, max_iter, tol, oversample, power_passes, chunk,
                                    config)
-    g = Grid.resolve(backbone, grid).up_to(t)
+    g, t = _discovery_grid(backbone, grid, t)
     inv = invert(backbone, x0, t, g, cond, progress=progress)
     return _discover(backbone, inv.last, t, None, config=cfg, k_unmasked=cfg.k,
                      project_against="none", cond=cond, generator=generator, chunk=chunk,

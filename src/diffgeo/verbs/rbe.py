@@ -51,7 +51,8 @@ class DirectionsOptions(ImageVerbOptions, Seeded):
     box: tuple[int, int, int, int] | None = option(
         None, "Rectangular region r0,c0,r1,c1 (end exclusive), in input-image pixels.",
         parse=box)
-    t: int = option(500, "Discovery timestep (on the DDIM grid).", flags=("--t",))
+    t: int | None = option(None, "Discovery timestep, on the DDIM grid (default: the grid point "
+                           "nearest the paper's 500).", flags=("--t",))
     steps: int = option(40, "DDIM steps over the full 0..T-1 range (the grid).",
                         check=at_least(1))
     k: int = option(3, "Number of directions.", check=at_least(1))
@@ -126,9 +127,9 @@ def directions(opts: DirectionsOptions, backbone: Backbone | None = None,
                                project_against=str(opts.project), cond=cond,
                                generator=torch.Generator().manual_seed(opts.seed),
                                progress=progress)
-    settings = base_settings("directions", opts, bb, grid)
+    settings = base_settings("directions", opts, bb, grid, t=dirs.timestep)
     settings.update({
-        "image": str(opts.image), "t": opts.t, "num_steps": opts.steps, "k": opts.k,
+        "image": str(opts.image), "t": dirs.timestep, "num_steps": opts.steps, "k": opts.k,
         "project": str(opts.project), "preview": list(opts.preview), "prompt": opts.prompt,
         "fit": fit_info.to_dict(), "seed": opts.seed,
         "singular_values": dirs.singular_values.tolist(), "discovery": dirs.settings,
