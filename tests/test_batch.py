@@ -146,13 +146,14 @@ def _write(path: Path, arr: np.ndarray) -> None:
 
 
 def _fake_invert(out: Path, job_id: str, a: np.ndarray, b: np.ndarray) -> None:
-    from diffgeo.batch import _atomic_write, spec_hash
+    from diffgeo.batch import spec_hash
+    from diffgeo.io import atomic_write
 
     d = out / job_id
     _write(d / "input.png", a)
     _write(d / "reconstruction.png", b)
     spec = {"task": "invert", "id": job_id, "image": "x.png"}
-    _atomic_write(d / MARKER, json.dumps({"hash": spec_hash(spec), "spec": spec}))
+    atomic_write(d / MARKER, json.dumps({"hash": spec_hash(spec), "spec": spec}))
 
 
 def test_evaluate_reproduces_hand_computed_numbers(tmp_path, capsys):
@@ -262,7 +263,8 @@ def test_killed_run_resumes_without_redoing_finished_jobs(tmp_path, tiny, image)
 
 
 def test_evaluate_apply_and_exemplar_folders(tmp_path):
-    from diffgeo.batch import _atomic_write, spec_hash
+    from diffgeo.batch import spec_hash
+    from diffgeo.io import atomic_write
 
     out = tmp_path / "res"
     base = np.full((16, 16, 3), 120, np.uint8)
@@ -283,7 +285,7 @@ def test_evaluate_apply_and_exemplar_folders(tmp_path):
     _write(x / "exemplar-1.png", base)
     for job_id, task in (("ap", "apply"), ("ex", "exemplar")):
         spec = {"task": task, "id": job_id}
-        _atomic_write(out / job_id / MARKER, json.dumps({"hash": spec_hash(spec), "spec": spec}))
+        atomic_write(out / job_id / MARKER, json.dumps({"hash": spec_hash(spec), "spec": spec}))
     rows = {(r["task"], r["metric"]): r for r in evaluate_results(out, ["psnr", "mse"])}
     assert rows[("apply (α=-30)", "mse")]["mean"] == pytest.approx((40 / 255) ** 2, rel=1e-6)
     assert rows[("apply (α=-30)", "mse_inside")]["mean"] == 0.5

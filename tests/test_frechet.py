@@ -315,7 +315,8 @@ def _write(path: Path, arr: np.ndarray) -> None:
 
 def _fake_results(out: Path, n: int) -> None:
     """n finished invert jobs: input.png / reconstruction.png pairs of random 32x32 images."""
-    from diffgeo.batch import MARKER, _atomic_write, spec_hash
+    from diffgeo.batch import MARKER, spec_hash
+    from diffgeo.io import atomic_write
 
     rng = np.random.default_rng(0)
     for i in range(n):
@@ -325,7 +326,7 @@ def _fake_results(out: Path, n: int) -> None:
         _write(d / "input.png", a)
         _write(d / "reconstruction.png", b)
         spec = {"task": "invert", "id": f"job{i}", "image": "x.png"}
-        _atomic_write(d / MARKER, json.dumps({"hash": spec_hash(spec), "spec": spec}))
+        atomic_write(d / MARKER, json.dumps({"hash": spec_hash(spec), "spec": spec}))
 
 
 def _pairs(out: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -165,12 +165,6 @@ def read_jobs(path: str | Path) -> list[Job]:
 
 
 # ----------------------------------------------------------------------------- files
-def _atomic_write(path: Path, text: str) -> None:
-    from diffgeo.io import atomic_write
-
-    atomic_write(path, lambda f: f.write(text), text=True)
-
-
 def read_marker(job_dir: Path) -> dict[str, Any] | None:
     """The completion marker's content if it is present and self-consistent, else None."""
     try:
@@ -271,6 +265,8 @@ def _run_job(job: Job, job_dir: Path, partial: bool, shard: Shard, models: dict 
 
 def run_job(job: Job, out: Path, shard: Shard, models: dict | None = None) -> dict[str, Any]:
     """Run (or skip) one job and write its record; returns the record."""
+    from diffgeo.io import atomic_write
+
     start = time.time()
     record: dict[str, Any] = {"id": job.id, "line": job.line, "index": job.index,
                               "verb": job.verb, "process_index": shard.process_index,
@@ -296,10 +292,10 @@ def run_job(job: Job, out: Path, shard: Shard, models: dict | None = None) -> di
             else:
                 marker = {"hash": spec_hash(job.spec), "spec": job.spec,
                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-                _atomic_write(job_dir / MARKER, json.dumps(marker, sort_keys=True) + "\n")
+                atomic_write(job_dir / MARKER, json.dumps(marker, sort_keys=True) + "\n")
                 record["status"] = "done"
     record["seconds"] = round(time.time() - start, 4)
-    _atomic_write(out / RECORDS / f"{job.id}.json",
+    atomic_write(out / RECORDS / f"{job.id}.json",
                   json.dumps(record, sort_keys=True, indent=2) + "\n")
     return record
 

@@ -21,7 +21,7 @@ import typer
 
 from diffgeo.errors import DiffgeoError
 from diffgeo.verbs import GROUPS, Verb, all_verbs
-from diffgeo.verbs.options import Choice, _shape, meta_of
+from diffgeo.verbs.options import Choice, hint_shape, meta_of
 
 app = typer.Typer(
     name="diffgeo",
@@ -50,7 +50,7 @@ def _cli_text(value: Any) -> Any:
 
 def _parameter(verb: Verb, f: dataclasses.Field, hint: Any) -> inspect.Parameter:
     meta = meta_of(f)
-    tp, optional, repeat = _shape(hint)
+    tp, optional, repeat = hint_shape(hint)
     textual = meta.parse is not None or (isinstance(tp, type) and issubclass(tp, Choice))
     cli_type: Any = str if textual else tp
     default = f.default

@@ -140,7 +140,7 @@ def rates_at(backbone: Backbone, x: torch.Tensor, t: int, directions: torch.Tens
     ``per_direction=True`` instead projects every direction and takes one JVP each, the
     straightforward way the papers imply, kept as the reference.
     """
-    _check_definition(definition)
+    check_definition(definition)
     if definition == "h":
         jv = batched_jvp(backbone, x, directions.to(x)[:, None], t, cond, output="h",
                          chunk=chunk)
@@ -160,7 +160,7 @@ def rates_at(backbone: Backbone, x: torch.Tensor, t: int, directions: torch.Tens
     return (coords @ M.T).norm(dim=1)
 
 
-def _check_definition(definition: str) -> None:
+def check_definition(definition: str) -> None:
     if definition not in DEFINITIONS:
         raise InputError(f"definition must be one of {DEFINITIONS}, got {definition!r}")
 
@@ -179,7 +179,7 @@ def generation_curves(backbone: Backbone, trajectory: Trajectory,
     warm-started along the path and oversampled by 4 unless ``basis_options`` says otherwise.
     A component's rate is the mean of its pixels' (Eq. 7).
     """
-    _check_definition(definition)
+    check_definition(definition)
     if trajectory.first.shape[0] != 1:
         raise InputError("generation_curves takes a trajectory of one image (batch 1)")
     if isinstance(components, torch.Tensor):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.curves import (
     PROJECTED,
-    _check_definition,
+    check_definition,
     fluctuation,
     projected_operator,
     result_dtype,
@@ -104,7 +104,7 @@ def rate_map(backbone: Backbone, x: torch.Tensor, t: int, definition: str = "h",
     ``estimator`` defaults to ``gram`` for projected definitions and ``probe`` for ``h``.
     ``t_prev`` is the level the generation step from t lands on (exact definition only).
     """
-    _check_definition(definition)
+    check_definition(definition)
     if x.shape[0] != 1:
         raise InputError("rate_map takes one state (batch 1)")
     estimator = estimator or ("gram" if definition in PROJECTED else "probe")

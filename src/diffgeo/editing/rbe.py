@@ -70,8 +70,15 @@ from diffgeo.backbones.base import Backbone, Conditioning, Encoded
 from diffgeo.backbones.functional import FunctionalBackbone
 from diffgeo.errors import DiffgeoError, InputError, OutputExistsError
 from diffgeo.metrics import Locality, edit_locality
-from diffgeo.sampling import Grid, Trajectory, alpha_bar, invert, predict_x0, sample
-from diffgeo.sampling import ddim_step as _ddim_step
+from diffgeo.sampling import (
+    Grid,
+    Trajectory,
+    alpha_bar,
+    ddim_step,
+    invert,
+    predict_x0,
+    sample,
+)
 from diffgeo.tangent import (
     PowerIterationConfig,
     PowerIterationResult,
@@ -590,7 +597,7 @@ def asymmetric_step(backbone: Backbone, x: torch.Tensor, t: int, t_prev: int | N
     step bit for bit. Pass ε_edit for both to get the symmetric ("replace") step.
     """
     ab_t, ab_prev = alpha_bar(backbone, t), alpha_bar(backbone, t_prev)
-    x_prev = _ddim_step(x, eps_orig, ab_t, ab_prev, eps_x0=eps_edit)
+    x_prev = ddim_step(x, eps_orig, ab_t, ab_prev, eps_x0=eps_edit)
     return x_prev, predict_x0(x, eps_edit, ab_t), (1 - ab_prev) ** 0.5 * eps_orig
 
 

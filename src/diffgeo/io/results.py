@@ -119,10 +119,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def atomic_write(target: Path, writer: Callable[[IO[Any]], None], text: bool = False) -> Path:
+def atomic_write(target: Path, writer: Callable[[IO[Any]], None] | str,
+                 text: bool = False) -> Path:
     """Write ``target`` through a uniquely named temporary file in its folder, fsync and rename:
     readers see the old file or the whole new one, never a partial write (a crash leaves no
-    temporary behind either)."""
+    temporary behind either). ``writer`` writes to the open file, or is the text itself."""
+    if isinstance(writer, str):
+        content, text = writer, True
+        writer = lambda f: f.write(content)  # noqa: E731
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     while True:

@@ -161,7 +161,7 @@ def int_pair(raw: Any, name: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- conversion
-def _shape(hint: Any) -> tuple[Any, bool, bool]:
+def hint_shape(hint: Any) -> tuple[Any, bool, bool]:
     """(item type, may be None, repeatable) of a field's annotation."""
     optional = False
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -203,7 +203,7 @@ def convert(f: dataclasses.Field, hint: Any, raw: Any) -> Any:
     """``raw`` as the value of field ``f`` (annotation ``hint``), checked."""
     meta = meta_of(f)
     name = meta.flag(f.name)
-    tp, optional, repeat = _shape(hint)
+    tp, optional, repeat = hint_shape(hint)
     repeat = repeat and not meta.listed
     if raw is None:
         if optional:
