@@ -322,7 +322,7 @@ def test_cli_exemplar_two_exemplars(cli, tiny, image, tmp_path):
 def test_exemplar_edit_on_a_latent_model_with_guidance(sd_bb, tmp_path):
     import numpy as np
 
-    from diffgeo.runs import exemplar_edit
+    from diffgeo import verbs
 
     rng = np.random.default_rng(2)
     src = _png(tmp_path / "s.png", rng.integers(0, 256, (16, 16, 3)))
@@ -330,10 +330,11 @@ def test_exemplar_edit_on_a_latent_model_with_guidance(sd_bb, tmp_path):
     m = np.full((16, 16), 255)
     m[4:12, 4:12] = 0
     mp = _png(tmp_path / "m.png", m)
-    res = exemplar_edit(src, exemplars=[ex], maps=[mp], model=sd_bb, strength=0.5, num_steps=5,
-                        prompt="a cat", guidance_scale=2.0, out=tmp_path / "o")
-    assert res["result"].shape == (1, 3, 16, 16)
-    used = res["passes"][0].maps
+    res = verbs.run("exemplar", backbone=sd_bb, source=src, exemplar=(ex,), map=(mp,),
+                    strength=0.5, steps=5, prompt="a cat", guidance_scale=2.0,
+                    out=tmp_path / "o")
+    assert res.image.shape == (1, 3, 16, 16)
+    used = res.passes[0].maps
     assert used.shape == (1, 1, 8, 8) and float(used[0, 0, 4, 4]) == 0.0
     assert (tmp_path / "o" / "masks.png").exists()
 

@@ -282,8 +282,8 @@ def _plain(v: Any) -> Any:
 #: Set by whoever runs the verb (batch: the job's folder), never recorded as an option.
 RESERVED = ("out", "force")
 
-#: Old batch argument names (the Python names of diffgeo.runs) and the options that replaced
-#: them: a job line using one gets an error naming the new one.
+#: Old batch argument names (the Python names of the removed diffgeo.runs) and the options that
+#: replaced them: a job line using one gets an error naming the new one.
 RENAMED = {"num_steps": "steps", "pixels": "pixel", "rows": "row", "cols": "col",
            "exemplars": "exemplar", "maps": "map", "placements": "place",
            "strengths": "strength", "direction": "increase"}
