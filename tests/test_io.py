@@ -518,7 +518,7 @@ def test_result_dir_writes_atomically(tmp_path: Path) -> None:
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError, match="killed"):
-        rd._write("half.bin", boom)
+        rd.write("half.bin", boom)
     assert not (tmp_path / "out" / "bad.json").exists()
     assert not (tmp_path / "out" / "half.bin").exists()
     assert list((tmp_path / "out").iterdir()) == []

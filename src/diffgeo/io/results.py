@@ -198,7 +198,9 @@ class ResultDir:
             raise OutputExistsError(f"{target} exists; pass --force (force=True) to overwrite")
         return target
 
-    def _write(self, name: str, writer: Callable[[IO[Any]], None], text: bool = False) -> Path:
+    def write(self, name: str, writer: Callable[[IO[Any]], None] | str,
+              text: bool = False) -> Path:
+        """Write the file ``name`` atomically (:func:`atomic_write`) as this run's own."""
         target = self.path_for(name)
         atomic_write(target, writer, text)
         self._written.add(target.resolve())
@@ -221,7 +223,7 @@ class ResultDir:
         img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
         buf = _io.BytesIO()
         img.save(buf, format="PNG")
-        return self._write(self._named(name, ".png"), lambda f: f.write(buf.getvalue()))
+        return self.write(self._named(name, ".png"), lambda f: f.write(buf.getvalue()))
 
     def save_strip(self, name: str, images: Sequence[torch.Tensor], gap: int = 2) -> Path:
         """Write images side by side (same height) with a ``gap``-pixel white band between."""
@@ -255,7 +257,7 @@ class ResultDir:
     def save_json(self, name: str, obj: Any) -> Path:
         """Write ``obj`` (converted by :func:`to_jsonable`) as JSON, sorted keys, indent 2."""
         text = json.dumps(to_jsonable(obj), sort_keys=True, indent=2, allow_nan=False) + "\n"
-        return self._write(self._named(name, ".json"), lambda f: f.write(text), text=True)
+        return self.write(self._named(name, ".json"), lambda f: f.write(text), text=True)
 
     def save_npz(self, name: str, **arrays: Any) -> Path:
         """Write arrays (tensors are converted to numpy) into an uncompressed ``.npz``."""
@@ -263,7 +265,7 @@ class ResultDir:
             k: tensor_to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)
             for k, v in arrays.items()
         }
-        return self._write(self._named(name, ".npz"), lambda f: np.savez(f, **data))
+        return self.write(self._named(name, ".npz"), lambda f: np.savez(f, **data))
 
     def save_csv(self, name: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
         """Write a CSV with ``header`` and ``rows`` (each row as long as the header)."""
@@ -282,4 +284,4 @@ class ResultDir:
             w.writerow(header)
             w.writerows(table)
 
-        return self._write(self._named(name, ".csv"), write, text=True)
+        return self.write(self._named(name, ".csv"), write, text=True)
