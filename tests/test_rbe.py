@@ -29,6 +29,8 @@ from diffgeo.backbones import FunctionalBackbone, linear_gaussian, load_backbone
 from diffgeo.editing import rbe
 from diffgeo.editing.rbe import (
     Directions,
+    RBEConfig,
+    RBEEditConfig,
     apply_direction,
     asymmetric_step,
     directions_at,
@@ -111,8 +113,9 @@ def oracle(small64):
 def oracle_dirs(small64, oracle):
     """Converged region directions (tight tolerance, oversampling: the untrained net's leading
     singular values are only a few percent apart), with both projections."""
-    kw = dict(k=3, tol=1e-9, max_iter=400, oversample=4, num_steps=STEPS)
-    return {pa: directions_at(small64, oracle["xt"], T, SMALL_MASK, project_against=pa, **kw)
+    return {pa: directions_at(small64, oracle["xt"], T, SMALL_MASK,
+                              RBEConfig(k=3, tol=1e-9, max_iter=400, oversample=4,
+                                        project_against=pa), num_steps=STEPS)
             for pa in ("leading", "subspace")}
 
 
@@ -157,7 +160,7 @@ def test_default_discovery_converges_where_it_says_and_bounds_its_error(small64,
     and subspace) declared J_M's top 5 converged 0.03 rad from the exact span. "Converged" now
     means residuals ≤ tol·σ², and the bound reported for each run covers its true angle."""
     k = 5
-    d = directions_at(small64, oracle["xt"], T, SMALL_MASK, k=k)
+    d = directions_at(small64, oracle["xt"], T, SMALL_MASK, RBEConfig(k=k))
     bounds = []
     for J, vecs, run in ((oracle["JM"], d.raw_vectors, "masked_run"),
                          (oracle["JU"], d.unmasked_vectors, "unmasked_run")):
@@ -168,11 +171,13 @@ def test_default_discovery_converges_where_it_says_and_bounds_its_error(small64,
         assert summary["block_size"] == k + 1 and not summary["exact"]
         bounds.append(summary["error_bound"])
     assert d.converged and d.error_bound == max(bounds)
-    assert d.settings["oversample"] == rbe.DEFAULT_POWER.oversample == 1
-    # One config or the same options as keywords: the same directions.
-    c = directions_at(small64, oracle["xt"], T, SMALL_MASK,
-                      config=PowerIterationConfig(k=k, max_iter=50))
+    assert d.settings["oversample"] == rbe.RBEConfig().oversample == 1
+    # RBE's config is a power-iteration config: its power part is the paper's k=3, 50 passes.
+    assert rbe.RBEConfig().power == PowerIterationConfig(k=3, max_iter=50)
+    c = directions_at(small64, oracle["xt"], T, SMALL_MASK, RBEConfig(k=k, t=T))
     assert torch.equal(c.vectors, d.vectors) and c.settings == d.settings
+    with pytest.raises(InputError, match="config.t=480 but the state is at t=500"):
+        directions_at(small64, oracle["xt"], T, SMALL_MASK, RBEConfig(t=480))
 
 
 def test_discovery_block_larger_than_h_is_clamped_and_exact():
@@ -186,7 +191,7 @@ def test_discovery_block_larger_than_h_is_clamped_and_exact():
     bb = linear_gaussian(torch.zeros(16), A @ A.T / 16, ac, state_shape=(1, 4, 4))
     x = torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64)
     for k, oversample in ((15, 4), (16, 0), (16, 1)):
-        d = directions_at(bb, x, 100, None, k=k, oversample=oversample)
+        d = directions_at(bb, x, 100, None, RBEConfig(k=k, oversample=oversample))
         run = d.settings["masked_run"]
         assert run["exact"] and run["converged"] and run["iterations"] == 0
         assert run["block_size"] == 16
@@ -194,12 +199,12 @@ def test_discovery_block_larger_than_h_is_clamped_and_exact():
         assert torch.allclose(d.singular_values, torch.ones(k, dtype=torch.float64), rtol=1e-12)
         _assert_orthonormal_signed(d.vectors)
     with pytest.raises(InputError, match="h dimension 16"):
-        directions_at(bb, x, 100, None, k=17)
+        directions_at(bb, x, 100, None, RBEConfig(k=17))
 
 
 def test_global_directions_match_the_svd_of_the_whole_jacobian(small64, oracle):
-    d = global_directions(small64, oracle["x0"], t=T, grid=STEPS, k=2, tol=1e-9,
-                          max_iter=400, oversample=4)
+    d = global_directions(small64, oracle["x0"],
+                          RBEConfig(t=T, k=2, tol=1e-9, max_iter=400, oversample=4), grid=STEPS)
     S, Vh = _svd(oracle["J"])
     assert d.mask is None and d.unmasked_vectors is None
     assert d.settings["kind"] == "global" and torch.equal(d.vectors, d.raw_vectors)
@@ -208,8 +213,9 @@ def test_global_directions_match_the_svd_of_the_whole_jacobian(small64, oracle):
 
 
 def test_discover_equals_directions_at_the_inverted_state(small64, oracle, oracle_dirs):
-    d = discover_directions(small64, oracle["x0"], SMALL_MASK, t=T, grid=STEPS, k=3,
-                            tol=1e-9, max_iter=400, oversample=4, project_against="subspace")
+    d = discover_directions(small64, oracle["x0"], SMALL_MASK,
+                            RBEConfig(t=T, k=3, tol=1e-9, max_iter=400, oversample=4,
+                                      project_against="subspace"), grid=STEPS)
     ref = oracle_dirs["subspace"]
     assert torch.equal(d.vectors, ref.vectors) and d.timestep == T and d.num_steps == STEPS
     assert d.settings["mask_rule"] == rbe.MASK_RULE
@@ -279,8 +285,8 @@ TINY_MASK = box_mask((8, 2, 14, 14), (16, 16))
 def tiny_dirs(tiny):
     x0 = _image(tiny, 1)
     return x0, {
-        "rbe": discover_directions(tiny, x0, TINY_MASK, t=T, grid=STEPS),
-        "global": global_directions(tiny, x0, t=T, grid=STEPS),
+        "rbe": discover_directions(tiny, x0, TINY_MASK, RBEConfig(t=T), grid=STEPS),
+        "global": global_directions(tiny, x0, RBEConfig(t=T), grid=STEPS),
     }
 
 
@@ -323,7 +329,7 @@ def test_apply_direction_against_hand_computed_steps(small64, oracle, oracle_dir
     with h from the *current* state at each step (no one-step lag) and ε_orig in D_t."""
     d = oracle_dirs["leading"]
     alpha = 2.0
-    res = apply_direction(small64, oracle["x0"], d, 1, [alpha], window=(475, 500))
+    res = apply_direction(small64, oracle["x0"], d, 1, [alpha], RBEEditConfig(window=(475, 500)))
     assert res.edited_timesteps == [475, 500] and res.window == (475, 500)
     v = d.vectors[1][None]
     x = oracle["xt"]
@@ -338,8 +344,8 @@ def test_apply_direction_against_hand_computed_steps(small64, oracle, oracle_dir
     expected = sampling.generate(small64, x, 450, STEPS).last
     assert torch.allclose(res.states, expected, rtol=1e-10, atol=1e-10)
     # "replace" puts ε_edit in both terms: a different (mostly cancelled) result.
-    rep = apply_direction(small64, oracle["x0"], d, 1, [alpha], window=(475, 500),
-                          mode="replace")
+    rep = apply_direction(small64, oracle["x0"], d, 1, [alpha],
+                          RBEEditConfig(window=(475, 500), mode="replace"))
     plain = res.reconstruction
     assert float((rep.states - res.states).abs().max()) > 1e-3
     assert float((rep.states - plain).abs().max()) < float((res.states - plain).abs().max())
@@ -360,14 +366,14 @@ def test_zero_strength_is_plain_ddim_exactly(tiny, tiny_dirs):
 
 def test_late_stochastic_steps_replay_the_same_noise(tiny, tiny_dirs):
     x0, dirs = tiny_dirs
-    kw = dict(window=(250, T), eta=0.5)
-    a = apply_direction(tiny, x0, dirs["rbe"], 0, [0.0, 0.0, 1.0],
-                        generator=torch.Generator().manual_seed(3), **kw)
-    b = apply_direction(tiny, x0, dirs["rbe"], 0, [0.0],
-                        generator=torch.Generator().manual_seed(3), **kw)
+    cfg = RBEEditConfig(window=(250, T), eta=0.5)
+    a = apply_direction(tiny, x0, dirs["rbe"], 0, [0.0, 0.0, 1.0], cfg,
+                        generator=torch.Generator().manual_seed(3))
+    b = apply_direction(tiny, x0, dirs["rbe"], 0, [0.0], cfg,
+                        generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.states[0], a.states[1]) and torch.equal(a.states[:1], b.states)
     assert torch.equal(a.reconstruction, a.images[:1])
-    plain = apply_direction(tiny, x0, dirs["rbe"], 0, [0.0], window=(250, T))
+    plain = apply_direction(tiny, x0, dirs["rbe"], 0, [0.0], RBEEditConfig(window=(250, T)))
     assert not torch.allclose(plain.states, a.states)  # the noise did something
 
 
@@ -397,7 +403,7 @@ def test_same_generator_same_directions(tiny):
     xt = sampling.invert(tiny, x0, T, STEPS).last
 
     def run(gen):
-        return directions_at(tiny, xt, T, TINY_MASK, power_passes=3, generator=gen)
+        return directions_at(tiny, xt, T, TINY_MASK, RBEConfig(power_passes=3), generator=gen)
 
     a, b = run(torch.Generator().manual_seed(5)), run(torch.Generator().manual_seed(5))
     assert torch.equal(a.vectors, b.vectors) and torch.equal(a.unmasked_vectors,
@@ -429,7 +435,8 @@ def test_linear_gaussian_h_space():
     bb = linear_gaussian(torch.zeros(16), A @ A.T / 16, ac, state_shape=(1, 4, 4))
     m = box_mask((0, 0, 2, 2), (4, 4))
     x = torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64)
-    d = directions_at(bb, x, 100, m, k=2, k_unmasked=3, tol=1e-10, project_against="subspace")
+    d = directions_at(bb, x, 100, m,
+                      RBEConfig(k=2, k_unmasked=3, tol=1e-10, project_against="subspace"))
     Q = bb.gaussian["eigenvectors"]
     inside = m.reshape(-1) > 0
     target = Q[inside]  # rows of Q for masked pixels: J_M = diag(M) Q has them as right vectors
@@ -458,7 +465,7 @@ def test_bad_masks(tiny, mask, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(t=510), "not on the 40-step"),
-    (dict(t=500.0), "integer timestep"),
+    (dict(t=500.0), "t must be an integer"),
     (dict(k=0), "k must be >= 1"),
     (dict(k_unmasked=0), "k_unmasked must be >= 1"),
     (dict(k=3000), "h dimension 2048"),
@@ -468,13 +475,23 @@ def test_bad_masks(tiny, mask, match):
     (dict(max_iter=0), "max_iter must be >= 1"),
     (dict(oversample=True), "oversample must be an integer"),
     (dict(power_passes=-1), "power_passes must be >= 0"),
-    (dict(config={"k": 3}), "config must be a PowerIterationConfig"),
-    (dict(config=PowerIterationConfig(k=3000)), "h dimension 2048"),
+    (dict(chunk=0), "chunk must be >= 1"),
     (dict(generator=1), "generator must be"),
 ])
 def test_bad_discovery_arguments(tiny, kwargs, match):
+    generator = kwargs.pop("generator", None)
     with pytest.raises(InputError, match=match):
-        discover_directions(tiny, _image(tiny, 0), TINY_MASK, **kwargs)
+        discover_directions(tiny, _image(tiny, 0), TINY_MASK, RBEConfig(**kwargs),
+                            generator=generator)
+
+
+def test_discovery_config_must_be_an_rbe_config(tiny):
+    with pytest.raises(InputError, match="config must be an RBEConfig, got dict"):
+        discover_directions(tiny, _image(tiny, 0), TINY_MASK, {"k": 3})
+    with pytest.raises(InputError, match="config must be an RBEConfig, got PowerIterationConfig"):
+        global_directions(tiny, _image(tiny, 0), PowerIterationConfig(k=3))
+    with pytest.raises(InputError, match="config must be an RBEEditConfig"):
+        apply_direction(tiny, _image(tiny, 0), None, 0, [1.0], RBEConfig())
 
 
 def test_bad_states(tiny):
@@ -518,11 +535,12 @@ def test_backbones_without_h():
 ])
 def test_bad_edit_arguments(tiny, tiny_dirs, kwargs, match):
     x0, dirs = tiny_dirs
-    args = dict(index=0, strengths=[1.0])
+    args = dict(index=0, strengths=[1.0], generator=None)
     args.update(kwargs)
+    index, strengths, generator = (args.pop(k) for k in ("index", "strengths", "generator"))
     with pytest.raises(InputError, match=match):
-        apply_direction(tiny, x0, dirs["rbe"], args.pop("index"), args.pop("strengths"),
-                        **args)
+        apply_direction(tiny, x0, dirs["rbe"], index, strengths, RBEEditConfig(**args),
+                        generator=generator)
 
 
 def test_directions_from_another_model_are_refused(tiny, small64, oracle_dirs):
@@ -543,9 +561,9 @@ def test_rediscover_reproduces_a_direction_that_does_not_move():
     m = torch.zeros(4, 4, dtype=torch.float64)
     m[0, 0], m[0, 1], m[1, 0], m[1, 1] = 0.9, 0.7, 0.5, 0.3
     x0 = torch.randn(1, 1, 4, 4, generator=g, dtype=torch.float64)
-    d = discover_directions(bb, x0, m, t=500, grid=10, k=2, tol=1e-12, max_iter=2000)
+    d = discover_directions(bb, x0, m, RBEConfig(t=500, k=2, tol=1e-12, max_iter=2000), grid=10)
     fixed = apply_direction(bb, x0, d, 0, [0.5], grid=10)
-    moving = apply_direction(bb, x0, d, 0, [0.5], grid=10, rediscover=True)
+    moving = apply_direction(bb, x0, d, 0, [0.5], RBEEditConfig(rediscover=True), grid=10)
     align = moving.settings["rediscover_alignment"]
     assert len(align) == len(moving.edited_timesteps) and min(align) > 1 - 1e-8
     assert torch.allclose(moving.states, fixed.states, atol=1e-8)
@@ -553,14 +571,14 @@ def test_rediscover_reproduces_a_direction_that_does_not_move():
 
 def test_rediscover_on_a_unet_tracks_and_keeps_zero_strength_exact(tiny, tiny_dirs):
     x0, dirs = tiny_dirs
-    res = apply_direction(tiny, x0, dirs["rbe"], 0, [0.0, 0.3], window=(400, T),
-                          rediscover=True)
+    res = apply_direction(tiny, x0, dirs["rbe"], 0, [0.0, 0.3],
+                          RBEEditConfig(window=(400, T), rediscover=True))
     align = res.settings["rediscover_alignment"]
     assert len(align) == len(res.edited_timesteps) >= 2
     assert all(0.0 <= a <= 1.0 + 1e-6 for a in align)
     plain = sampling.generate(tiny, sampling.invert(tiny, x0, T, STEPS).last, T, STEPS).last
     assert torch.equal(res.states[0:1], plain)
-    fixed = apply_direction(tiny, x0, dirs["rbe"], 0, [0.3], window=(400, T))
+    fixed = apply_direction(tiny, x0, dirs["rbe"], 0, [0.3], RBEEditConfig(window=(400, T)))
     # the re-found directions differ from the discovery one away from t_edit, so must the edit
     assert not torch.allclose(res.states[1], fixed.states[0])
 
@@ -573,8 +591,8 @@ def test_default_t_lands_on_the_models_grid(sd_bb):
     mask[: H // 2, : W // 2] = 1
     cond = sd_bb.condition("")
     x0 = sd_bb.to_state(torch.zeros(1, 3, H, W, dtype=sd_bb.dtype, device=sd_bb.device))
-    d = discover_directions(sd_bb, x0, mask, grid=10, k=1, max_iter=2, cond=cond)
+    d = discover_directions(sd_bb, x0, mask, RBEConfig(k=1, max_iter=2), grid=10, cond=cond)
     assert d.timestep == 501 and d.settings["grid"]["timesteps"][0] == 1
     assert apply_direction(sd_bb, x0, d, 0, [1.0], cond=cond).edited_timesteps[-1] == 501
     with pytest.raises(InputError, match=r"t=500 is not on the 10-step leading grid \(offset 1"):
-        discover_directions(sd_bb, x0, mask, t=500, grid=10, k=1, cond=cond)
+        discover_directions(sd_bb, x0, mask, RBEConfig(t=500, k=1), grid=10, cond=cond)

@@ -12,7 +12,8 @@ Loading: ``load_backbone``, ``load_image``, ``load_mask``. Sampling: ``Grid``, `
 ``generate``, ``reconstruct``. Geometry: ``tangent_basis``, ``generation_curves``,
 ``pixel_component``, ``mask_component``, ``rate_maps_along``. Editing: ``curve_matching``
 with ``CurveMatchingConfig`` and its tasks ``transfer``, ``remove``, ``saliency``, ``blend``;
-``discover_directions`` and ``apply_direction`` (RBE); ``pixels_edit`` (PIXELS).
+``discover_directions`` and ``apply_direction`` with ``RBEConfig`` and ``RBEEditConfig``
+(RBE); ``pixels_edit`` with ``PixelsConfig`` (PIXELS).
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ _ENTRY_POINTS: dict[str, str] = {
     "blend": "diffgeo.editing",
     "discover_directions": "diffgeo.editing",
     "apply_direction": "diffgeo.editing",
+    "RBEConfig": "diffgeo.editing",
+    "RBEEditConfig": "diffgeo.editing",
     "pixels_edit": "diffgeo.editing",
+    "PixelsConfig": "diffgeo.editing",
 }
 
 __all__ = ["__version__", *_ENTRY_POINTS]

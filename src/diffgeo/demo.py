@@ -207,7 +207,7 @@ def section_curves(ctx: DemoContext) -> Section:
 
 def section_rbe(ctx: DemoContext) -> Section:
     """Region-based editing: directions for the object region of a scene and their strips."""
-    from diffgeo.editing.rbe import apply_direction, global_directions
+    from diffgeo.editing.rbe import RBEConfig, apply_direction, global_directions
 
     bb = ctx.backbone
     scene = ctx.scenes[1 % len(ctx.scenes)]
@@ -221,7 +221,7 @@ def section_rbe(ctx: DemoContext) -> Section:
     with torch.no_grad():
         state = bb.to_state(ctx.images([scene]))
     # The global direction (no mask) is the comparison no verb offers.
-    glob = global_directions(bb, state, t=t, grid=time_grid(bb, steps), k=1,
+    glob = global_directions(bb, state, RBEConfig(t=t, k=1), grid=time_grid(bb, steps),
                              generator=torch.Generator().manual_seed(ctx.seed))
     strengths = [-30.0, -15.0, 15.0, 30.0]
     rows, ratios = [], []

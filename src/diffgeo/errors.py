@@ -6,6 +6,9 @@ expected and what was given, so that the CLI can print it without a traceback.
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 
 class DiffgeoError(Exception):
     """Base class of every error diffgeo raises on purpose."""
@@ -21,3 +24,14 @@ class ModelNotFoundError(DiffgeoError, FileNotFoundError):
 
 class OutputExistsError(DiffgeoError, FileExistsError):
     """Writing would overwrite something that already exists and ``force`` was not given."""
+
+
+def check_int(value: Any, name: str, low: int) -> int:
+    """``value`` as an int when it is an integer >= ``low``; an :class:`InputError` naming
+    ``name`` otherwise. numpy integers count (settings read back from JSON or the CLI); bools do
+    not (``k=True`` is a mistake, not 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise InputError(f"{name} must be >= {low}, got {value}")
+    return int(value)

@@ -52,7 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffgeo.backbones.base import Backbone, Conditioning
-from diffgeo.errors import InputError
+from diffgeo.errors import InputError, check_int
 from diffgeo.jacobian import OUTPUTS, batched_jvp, batched_vjp
 from diffgeo.sampling import Trajectory
 
@@ -208,16 +208,6 @@ def _rayleigh_ritz(V: torch.Tensor, W: torch.Tensor
     return V.to(torch.float64) @ ph.T, s, ph.T
 
 
-def _check_int(value: Any, name: str, low: int) -> int:
-    # numbers.Integral admits numpy integers (settings read back from JSON / CLI); bool is an
-    # Integral too, and k=True is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    if value < low:
-        raise InputError(f"{name} must be >= {low}, got {value}")
-    return int(value)
-
-
 def _init_columns(init: torch.Tensor | None, shape: tuple[int, ...], m: int,
                   what: str = "a tensor") -> tuple[torch.Tensor | None, int]:
     """The warm-start columns as an (n, k') float64 matrix (at most m of them), or None."""
@@ -296,11 +286,11 @@ class PowerIterationConfig:
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalise the validated values in place
-        put(self, "k", _check_int(self.k, "k", 1))
-        put(self, "oversample", _check_int(self.oversample, "oversample", 0))
-        put(self, "max_iter", _check_int(self.max_iter, "max_iter", 1))
+        put(self, "k", check_int(self.k, "k", 1))
+        put(self, "oversample", check_int(self.oversample, "oversample", 0))
+        put(self, "max_iter", check_int(self.max_iter, "max_iter", 1))
         if self.power_passes is not None:
-            put(self, "power_passes", _check_int(self.power_passes, "power_passes", 0))
+            put(self, "power_passes", check_int(self.power_passes, "power_passes", 0))
         tol = self.tol
         if (isinstance(tol, bool) or not isinstance(tol, numbers.Real)
                 or not math.isfinite(tol) or not tol > 0):
@@ -601,7 +591,7 @@ def tangent_basis(backbone: Backbone, x: torch.Tensor, t: int, cond: Conditionin
     if output not in OUTPUTS:
         raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")
     state_shape = tuple(backbone.state_shape)
-    _check_int(chunk, "chunk", 1)
+    check_int(chunk, "chunk", 1)
     tt = backbone.timesteps(t, 1)  # validates t (integer, on the training grid)
     t_int = int(tt[0])
     x = x.detach()

@@ -20,6 +20,8 @@ from diffgeo.editing.pixels import (
 from diffgeo.editing.rbe import (
     Directions,
     EditResult,
+    RBEConfig,
+    RBEEditConfig,
     apply_direction,
     discover_directions,
     global_directions,
@@ -28,7 +30,7 @@ from diffgeo.editing.tasks import blend, remove, saliency, transfer
 
 __all__ = [
     "THRESHOLDS", "CurveMatchingConfig", "CurveMatchingResult", "Directions", "EditResult",
-    "PixelsConfig", "PixelsResult", "apply_direction", "blend", "discover_directions",
-    "global_directions", "mean_fill", "pixels_edit", "pixels_iterative", "remove", "repaint",
-    "saliency", "transfer",
+    "PixelsConfig", "PixelsResult", "RBEConfig", "RBEEditConfig", "apply_direction", "blend",
+    "discover_directions", "global_directions", "mean_fill", "pixels_edit", "pixels_iterative",
+    "remove", "repaint", "saliency", "transfer",
 ]

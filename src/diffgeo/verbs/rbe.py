@@ -113,7 +113,7 @@ def directions(opts: DirectionsOptions, backbone: Backbone | None = None,
     """Region-based editing: unsupervised h-space directions that change a masked region (power
     iteration on the masked Jacobian, projected against the rest); saves them and a preview
     strip per direction."""
-    from diffgeo.editing.rbe import apply_direction, discover_directions
+    from diffgeo.editing.rbe import RBEConfig, apply_direction, discover_directions
 
     bb = backbone_for(opts, backbone)
     names = ["settings.json", *(f"direction-{i}.png" for i in range(opts.k))]
@@ -123,8 +123,8 @@ def directions(opts: DirectionsOptions, backbone: Backbone | None = None,
     grid = time_grid(bb, opts.steps)
     with torch.no_grad():
         state = bb.to_state(x)
-    dirs = discover_directions(bb, state, region[0, 0], t=opts.t, grid=grid, k=opts.k,
-                               project_against=str(opts.project), cond=cond,
+    config = RBEConfig(t=opts.t, k=opts.k, project_against=str(opts.project))
+    dirs = discover_directions(bb, state, region[0, 0], config, grid=grid, cond=cond,
                                generator=torch.Generator().manual_seed(opts.seed),
                                progress=progress)
     settings = base_settings("directions", opts, bb, grid, t=dirs.timestep)
@@ -161,7 +161,7 @@ def apply(opts: ApplyOptions, backbone: Backbone | None = None,
           progress: bool = False) -> ApplyResult:
     """Edit IMAGE along a discovered h-space direction at several strengths; writes a strip
     and the change inside vs outside the region."""
-    from diffgeo.editing.rbe import Directions, apply_direction
+    from diffgeo.editing.rbe import Directions, RBEEditConfig, apply_direction
     from diffgeo.io import load_mask
 
     bb = backbone_for(opts, backbone)
@@ -172,9 +172,10 @@ def apply(opts: ApplyOptions, backbone: Backbone | None = None,
     with torch.no_grad():
         state = bb.to_state(x)
     gen = torch.Generator().manual_seed(opts.seed) if opts.eta > 0 else None
-    edit = apply_direction(bb, state, dirs, opts.index, list(opts.strength), window=opts.window,
-                           grid=grid, mode=str(opts.mode), eta=opts.eta, generator=gen,
-                           cond=cond, rediscover=opts.rediscover, progress=progress)
+    config = RBEEditConfig(window=opts.window, mode=str(opts.mode), eta=opts.eta,
+                           rediscover=opts.rediscover)
+    edit = apply_direction(bb, state, dirs, opts.index, list(opts.strength), config, grid=grid,
+                           generator=gen, cond=cond, progress=progress)
     if opts.mask is not None:
         region = load_mask(opts.mask, bb.image_size, fit_info, input_size=fit_info.in_size)
     elif dirs.mask is not None:
