@@ -1,6 +1,6 @@
 """Rebuild the scene files bundled with diffgeo (src/diffgeo/assets/scenes/).
 
-    python scripts/build_scenes.py [--size 32] [--heldout 64] [--seed 0]
+    python scripts/build_scenes.py [--size 32] [--heldout 64] [--seed 0] [--out DIR]
 
 The training set is never stored: `diffgeo train --data scenes` draws it from the same generator
 (split "train"). Only the held-out evaluation scenes (split "heldout") are bundled, so every
@@ -23,19 +23,21 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--heldout", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ASSETS,
+                    help="folder for heldout-<size>.npz/.json (default: the bundled assets)")
     args = ap.parse_args()
     if find_emoji_font() is None:
         raise SystemExit("the bundled scenes use emoji objects: apt-get install "
                          "fonts-noto-color-emoji (or set DIFFGEO_EMOJI_FONT)")
-    ASSETS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     cfg = SceneConfig(size=args.size, objects="emoji")
     scenes = list(generate_scenes(args.heldout, seed=args.seed, split="heldout", config=cfg))
-    out = ASSETS / f"heldout-{args.size}.npz"
+    out = args.out / f"heldout-{args.size}.npz"
     save_scenes(out, scenes)
     meta = {"file": out.name, "count": len(scenes), "size": args.size, "seed": args.seed,
             "split": "heldout", "objects": "emoji", "sources": SOURCES,
             "rebuild": "python scripts/build_scenes.py"}
-    (ASSETS / f"heldout-{args.size}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (args.out / f"heldout-{args.size}.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out} ({out.stat().st_size} bytes, {len(scenes)} scenes)")
 
 

@@ -49,7 +49,8 @@ def pairs(data: Path) -> list[tuple[Path, Path]]:
         if fix.is_file():
             out.append((img, fix))
     if not out:
-        raise SystemExit(f"no Stimuli/*/*.jpg with a matching FIXATIONMAPS/*/*.jpg under {data}")
+        raise SystemExit(f"error: --data {data}: no Stimuli/*/*.jpg with a matching "
+                         "FIXATIONMAPS/*/*.jpg")
     return out
 
 
@@ -66,10 +67,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/cat2000"))
     args = ap.parse_args()
+    chosen = pairs(args.data)  # a missing or empty --data fails before the model loads
     bb = load_backbone(args.model, device=args.device)
     cond = bb.condition("") if bb.conditional else None
     rng = np.random.default_rng(args.seed)
-    chosen = pairs(args.data)
     idx = rng.permutation(len(chosen))[: args.images]
     grid = sampling.Grid.for_model(bb, args.steps)
     top = grid.top
