@@ -270,3 +270,27 @@ def _assert_user_error(result, *fragments: str) -> str:
     for f in fragments:
         assert f in lines[0], lines[0]
     return lines[0]
+
+
+# ---------------------------------------------------------------------------------- test files
+def save_rgb(path: Path, h: int = 20, w: int = 24, seed: int = 0) -> Path:
+    """A seeded random RGB PNG (what a user's photo is to a script)."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def save_box_mask(path: Path, h: int = 20, w: int = 24, box=(5, 6, 12, 14)) -> Path:
+    """A white box (r0, c0, r1, c1, end exclusive) on black, as a PNG mask."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = np.zeros((h, w), np.uint8)
+    m[box[0]:box[2], box[1]:box[3]] = 255
+    Image.fromarray(m).save(path)
+    return path

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import save_box_mask, save_rgb
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,21 +85,6 @@ def assert_finite(obj: Any, what: str) -> None:
 def read_json(path: Path) -> Any:
     assert path.is_file(), f"{path} was not written"
     return json.loads(path.read_text())
-
-
-def save_rgb(path: Path, h: int = 20, w: int = 24, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def save_box_mask(path: Path, h: int = 20, w: int = 24, box=(5, 6, 12, 14)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    m = np.zeros((h, w), np.uint8)
-    m[box[0]:box[2], box[1]:box[3]] = 255
-    Image.fromarray(m).save(path)
-    return path
 
 
 def evaluation_table(results: Path) -> dict[tuple[str, str], dict[str, Any]]:

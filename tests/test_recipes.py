@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import save_box_mask, save_rgb
 from PIL import Image
 
 from diffgeo.batch import read_jobs
@@ -23,21 +24,6 @@ def recipe(name: str):
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
-
-
-def save_rgb(path: Path, h: int = 20, w: int = 24, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def save_box_mask(path: Path, h: int = 20, w: int = 24, box=(5, 6, 12, 14)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    m = np.zeros((h, w), np.uint8)
-    m[box[0]:box[2], box[1]:box[3]] = 255
-    Image.fromarray(m).save(path)
-    return path
 
 
 def lines(path: Path) -> list[dict]:

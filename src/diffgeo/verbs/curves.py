@@ -39,14 +39,9 @@ class Definition(Choice):
     h = "h"
 
 
-class CurveDefinition(Choice):
-    """A rate definition, or all four side by side (Fig. 5)."""
-
-    exact = "exact"
-    eps = "eps"
-    h_proj = "h-proj"
-    h = "h"
-    all = "all"
+#: A rate definition, or all four side by side (Fig. 5).
+CurveDefinition = Choice("CurveDefinition",  # type: ignore[misc]
+                         {**{d.name: d.value for d in Definition}, "all": "all"})
 
 
 class Estimator(Choice):
