@@ -123,7 +123,9 @@ def test_accelerate_launch_two_processes_split_jobs(tmp_path, tiny, image):
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffgeo.batch",
            str(jobs), "--out", str(out), "--device", "cpu"]
     try:
-        res = subprocess.run(cmd, env=_launcher_env(), capture_output=True, text=True,
+        # unbuffered, as launchers often run their children: each line must still be one write
+        res = subprocess.run(cmd, env=dict(_launcher_env(), PYTHONUNBUFFERED="1"),
+                             capture_output=True, text=True,
                              timeout=150, cwd=tmp_path)
     except subprocess.TimeoutExpired:
         pytest.skip("accelerate launch did not finish within 150 s here")

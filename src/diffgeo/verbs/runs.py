@@ -3,6 +3,7 @@ in diffgeo.batch, diffgeo.evaluate and diffgeo.demo; these are their declaration
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +54,10 @@ def batch(opts: BatchOptions, backbone: Backbone | None = None,
 
     def show(rec: dict[str, Any]) -> None:
         if progress:
-            print(record_line(rec, many), flush=True)
+            # One write per line: under a launcher the processes share stdout, often unbuffered
+            # (print would write the text and the newline separately and lines would interleave).
+            sys.stdout.write(record_line(rec, many) + "\n")
+            sys.stdout.flush()
 
     summary = run_batch(opts.jobs, opts.out, shard=shard, device=opts.device, on_record=show)
     prefix = f"[{shard.process_index}/{shard.num_processes}] " if many else ""
