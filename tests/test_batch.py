@@ -297,3 +297,56 @@ def test_evaluate_apply_and_exemplar_folders(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_folder_the_runner_did_not_start_is_never_written(tmp_path, tiny, image):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(_job(tiny, image, "mine") + "\n" + _job(tiny, image, "ok") + "\n")
+    out = tmp_path / "out"
+    (out / "mine").mkdir(parents=True)
+    (out / "mine" / "input.png").write_bytes(b"the user's own file")
+    summary = run_batch(jobs, out, device="cpu")
+    recs = _records(out)
+    assert recs["ok"]["status"] == "done"
+    assert recs["mine"]["status"] == "failed"
+    assert "was not written by diffgeo batch" in recs["mine"]["error"]
+    assert summary.count("failed") == 1
+    assert sorted(p.name for p in (out / "mine").iterdir()) == ["input.png"]
+    assert (out / "mine" / "input.png").read_bytes() == b"the user's own file"
+
+
+def test_a_batch_killed_mid_job_resumes_without_partial_results(tmp_path, tiny, image):
+    import signal
+    import time
+
+    jobs = tmp_path / "jobs.jsonl"
+    ids = [f"k{i}" for i in range(4)]
+    # exact inversion: slow enough per job to be killed in the middle of one
+    jobs.write_text("\n".join(json.dumps({**json.loads(_job(tiny, image, i)), "exact": True,
+                                          "max_iter": 200, "tol": 1e-12}) for i in ids) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "from diffgeo.cli import main; main()", "batch", str(jobs),
+           "--out", str(out), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=_launcher_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "k0" / ".complete").exists():
+            time.sleep(0.05)
+        assert (out / "k0" / ".complete").exists(), "the first job never finished"
+        while time.time() < deadline and not (out / "k1" / ".diffgeo-job").exists():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    # k1 was killed at its start: its folder holds the runner's marker and the verb's staging
+    # folder, no result under a final name
+    left = {p.name for p in (out / "k1").iterdir()}
+    assert ".diffgeo-job" in left
+    assert all(n == ".diffgeo-job" or n.startswith(".diffgeo-partial-") for n in left), left
+    summary = run_batch(jobs, out, device="cpu")
+    status = {r["id"]: r["status"] for r in summary.records}
+    assert status["k0"] == "skipped" and all(status[i] == "done" for i in ids[1:])
+    for i in ids:
+        assert not list((out / i).glob(".diffgeo-partial-*"))  # the staging of k1 is gone
+        assert (out / i / "settings.json").exists()

@@ -17,11 +17,14 @@ written by a verb is a job line as it is: its ``options`` are the job's and the 
 run measured) is ignored. Relative paths are taken relative to the current folder, as on the
 command line.
 
-Per job the runner writes DIR/<id>/ (the verb's result folder) and, last and atomically,
-DIR/<id>/.complete holding the SHA-256 of the job's spec. A job is done only when that marker
-exists and its hash matches the current line: a killed run leaves no marker (or a stale one is
-removed before rerunning), so the next run redoes exactly the unfinished or changed jobs, writing
-over their partial files. Every job gets a record DIR/records/<id>.json (status done, failed or
+Per job the runner writes DIR/<id>/.diffgeo-job (the folder is the runner's), then the verb's
+result folder (staged and moved into place whole when the verb succeeds) and, last and
+atomically, DIR/<id>/.complete holding the SHA-256 of the job's spec. A job is done only when
+that marker exists and its hash matches the current line: a killed run leaves no marker (or a
+stale one is removed before rerunning), so the next run redoes exactly the unfinished or changed
+jobs, writing over their files. A folder under a job's id that the runner did not start (no
+.diffgeo-job, no .complete) is never written: that job fails with a message saying so.
+Every job gets a record DIR/records/<id>.json (status done, failed or
 skipped, seconds, error, process index): one file per job, so processes never write the same file.
 A failing job, or a bad line (reported as ``line N: ...``), is recorded and the rest go on.
 
@@ -40,6 +43,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -52,6 +56,8 @@ from diffgeo.errors import InputError
 from diffgeo.verbs.options import RESERVED
 
 MARKER = ".complete"
+#: Written into a job's folder before its verb runs: the folder is the runner's to resume.
+STARTED = ".diffgeo-job"
 RECORDS = "records"
 _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
@@ -176,6 +182,11 @@ def read_marker(job_dir: Path) -> dict[str, Any] | None:
     return m if m.get("hash") == spec_hash(m["spec"]) else None
 
 
+def is_ours(job_dir: Path) -> bool:
+    """The folder was started by a batch run (so a later run may write over its files)."""
+    return (job_dir / STARTED).is_file() or read_marker(job_dir) is not None
+
+
 def is_complete(job_dir: Path, spec: dict[str, Any]) -> bool:
     """Done = a marker whose hash is the hash of ``spec`` (the current job line)."""
     m = read_marker(job_dir)
@@ -263,9 +274,26 @@ def _run_job(job: Job, job_dir: Path, partial: bool, shard: Shard, models: dict 
     verb.run(opts, backbone=backbone)
 
 
+def _mark_started(job_dir: Path, spec: dict[str, Any]) -> None:
+    """Write the job's start marker; a new folder appears with its marker already inside (built
+    beside it and renamed), so a kill never leaves a folder of ours that does not say so."""
+    from diffgeo.io import atomic_write
+
+    text = json.dumps({"hash": spec_hash(spec)}) + "\n"
+    if job_dir.exists():
+        atomic_write(job_dir / STARTED, text)
+        return
+    building = job_dir.with_name(f".{job_dir.name}.starting-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)  # ours, from a run killed right here
+    building.mkdir(parents=True)
+    atomic_write(building / STARTED, text)
+    building.rename(job_dir)
+
+
 def run_job(job: Job, out: Path, shard: Shard, models: dict | None = None) -> dict[str, Any]:
     """Run (or skip) one job and write its record; returns the record."""
     from diffgeo.io import atomic_write
+    from diffgeo.io.results import STAGING_PREFIX
 
     start = time.time()
     record: dict[str, Any] = {"id": job.id, "line": job.line, "index": job.index,
@@ -280,10 +308,18 @@ def run_job(job: Job, out: Path, shard: Shard, models: dict | None = None) -> di
         job_dir = out / job.id
         if is_complete(job_dir, job.spec):
             record["status"] = "skipped"
+        elif job_dir.exists() and not is_ours(job_dir):
+            record["status"] = "failed"
+            record["error"] = (f"line {job.line}: {job_dir} exists and was not written by "
+                               "diffgeo batch; move it away, or choose another --out or id")
         else:
             (job_dir / MARKER).unlink(missing_ok=True)  # a stale marker must not survive a crash
             partial = job_dir.exists()
             try:
+                if partial:  # what a killed run of ours staged and never committed
+                    for staged in job_dir.glob(f"{STAGING_PREFIX}*"):
+                        shutil.rmtree(staged, ignore_errors=True)
+                _mark_started(job_dir, job.spec)
                 _run_job(job, job_dir, partial, shard, models)
             except Exception as e:
                 record["status"] = "failed"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import sys
 import typing
 from pathlib import Path
@@ -33,7 +34,7 @@ app = typer.Typer(
 )
 
 #: Shared options come after a verb's own in its --help.
-_SHARED = ("model", "prompt", "fit", "out", "device", "dtype", "seed", "force")
+_SHARED = ("model", "prompt", "fit", "out", "device", "dtype", "seed", "force", "max_memory")
 
 
 def _fail(message: str, code: int = 2) -> typing.NoReturn:
@@ -73,6 +74,18 @@ def _parameter(verb: Verb, f: dataclasses.Field, hint: Any) -> inspect.Parameter
                              annotation=cli_type)
 
 
+def _in_cli_terms(verb: Verb, message: str) -> str:
+    """A message that starts with an option's Python name (a method config's check, shared
+    with the API) names its flag instead: ``lr must be > 0`` becomes ``--lr must be > 0``."""
+    m = re.match(r"([a-z][a-z0-9_]*)(?= (must|and) )", message)
+    if m is not None:
+        fields = {f.name: meta_of(f) for f in dataclasses.fields(verb.options)}
+        meta = fields.get(m.group(1))
+        if meta is not None and meta.cli and not meta.argument:
+            return meta.flag(m.group(1)) + message[m.end():]
+    return message
+
+
 def _command(verb: Verb):
     hints = typing.get_type_hints(verb.options)
     fields = [f for f in dataclasses.fields(verb.options) if meta_of(f).cli]
@@ -84,7 +97,7 @@ def _command(verb: Verb):
         try:
             result = verb.run(verb.options(**values), progress=True)
         except DiffgeoError as e:
-            _fail(str(e))
+            _fail(_in_cli_terms(verb, str(e)))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         for line in result.report():

@@ -246,6 +246,17 @@ def pixel_direction(backbone: Backbone, pixel: Sequence[int],
     return v
 
 
+def check_window(timesteps: Sequence[int], window: int, t_min: int) -> None:
+    """The fluctuation's window fits the timesteps above ``t_min`` (checkable from the grid
+    alone, before a path is walked)."""
+    if window < 2:
+        raise InputError(f"window must be >= 2, got {window}")
+    above = sum(t > t_min for t in timesteps)
+    if above < window:
+        raise InputError(f"only {above} timesteps lie above t_min={t_min}: fewer than the window "
+                         f"({window}); lower --window or --t-min, or raise --steps")
+
+
 def fluctuation(values: torch.Tensor, timesteps: Sequence[int], window: int = 5,
                 t_min: int = 200) -> torch.Tensor:
     """Mean sliding-window variance of each curve over t > t_min (paper §3.2, App. C.1).
@@ -256,12 +267,8 @@ def fluctuation(values: torch.Tensor, timesteps: Sequence[int], window: int = 5,
     ts = torch.as_tensor(list(timesteps))
     if v.shape[1] != len(ts):
         raise InputError(f"values have {v.shape[1]} timesteps, timesteps has {len(ts)}")
-    if window < 2:
-        raise InputError(f"window must be >= 2, got {window}")
+    check_window(timesteps, window, t_min)
     keep = v[:, ts > t_min]
-    if keep.shape[1] < window:
-        raise InputError(f"only {keep.shape[1]} timesteps lie above t_min={t_min}: fewer than "
-                         f"the window ({window})")
     windows = keep.unfold(1, window, 1)  # (K, n_windows, window)
     out = windows.var(dim=-1, unbiased=False).mean(dim=-1)
     return out if values.ndim == 2 else out[0]

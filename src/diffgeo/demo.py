@@ -392,7 +392,7 @@ def run_demo(out: str | Path = "diffgeo-demo", model: str | Backbone = "default"
 
         bb = load_backbone(model, device=device)
     results = ResultDir(out, force=force)
-    page_path = results.path_for("index.html")  # refuse before computing, not after
+    results.path_for("index.html")  # refuse before computing, not after
     ctx = DemoContext(backbone=bb, results=results, scenes=_scenes_for(bb, seed), quick=quick,
                       seed=seed, steps=10 if quick else 50)
     sections = []
@@ -407,7 +407,6 @@ def run_demo(out: str | Path = "diffgeo-demo", model: str | Backbone = "default"
             f"{'quick run' if quick else 'full run'} · seed {seed} · "
             f"{time.time() - start:.0f} s · diffgeo {env['diffgeo']}, torch {env['torch']}, "
             f"diffusers {env['diffusers']}</p>{body}</body></html>")
-    path = page_path
     results.save_json("settings.json", {
         "verb": "demo", "options": {"model": str(model) if isinstance(model, (str, Path))
                                     else bb.name, "quick": quick, "seed": seed,
@@ -415,7 +414,5 @@ def run_demo(out: str | Path = "diffgeo-demo", model: str | Backbone = "default"
         "model": bb.name or str(model), "quick": quick, "seed": seed,
         "device": str(bb.device), "dtype": str(bb.dtype), "steps": ctx.steps,
         "environment": env})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    results.write("index.html", page)
+    return results.path / "index.html"  # where it is once the run commits

@@ -269,7 +269,7 @@ def evaluate_results(results_dir: str | Path, metrics: tuple[str, ...] | list[st
     if results is not None:
         results.save_csv("evaluation.csv", ["task", "metric", "mean", "std", "n", "non_finite"],
                          [[r["task"], r["metric"], r["mean"], r["std"], r["n"], r["non_finite"]]
-                          for r in table])
+                          for r in table], allow_nan=True)  # nan: fewer than 2 pairs
         results.save_json("evaluation.json", {
             "results_dir": str(root), "metrics": metrics, "clip": clip, "dino": dino,
             "jobs": len(jobs), "skipped": skipped, "table": list(table), "notes": notes,

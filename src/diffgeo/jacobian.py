@@ -42,16 +42,25 @@ def _check(backbone: Backbone, x: torch.Tensor, direction: torch.Tensor | None,
     if direction is not None and direction.shape[-x.ndim:] != x.shape:
         raise InputError(f"{name} must have the shape of x {tuple(x.shape)} (optionally with a "
                          f"leading batch of directions), got {tuple(direction.shape)}")
+    _check_finite(x, "x")
+    if direction is not None:
+        _check_finite(direction, name)
+
+
+def _check_finite(value: torch.Tensor, name: str) -> None:
+    # a NaN in would come out as a NaN derivative, silently
+    if not bool(torch.isfinite(value).all()):
+        raise InputError(f"{name} contains NaN or infinite values")
 
 
 def jvp(backbone: Backbone, x: torch.Tensor, v: torch.Tensor, t: int | torch.Tensor,
         cond: Conditioning | None = None, output: str = "eps"
         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x), Df(x)[v]) for f = ε or h; v has the shape of x (use batched_jvp for several)."""
-    _check(backbone, x, None, "v")
     if v.shape != x.shape:
         raise InputError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)} "
                          "(for several directions use batched_jvp)")
+    _check(backbone, x, v, "v")
     f = output_fn(backbone, t, cond, output)
     with backbone.derivative_mode():
         # forward-mode AD refuses a broadcast (expanded) primal; contiguous() copies only then
@@ -63,6 +72,7 @@ def vjp(backbone: Backbone, x: torch.Tensor, u: torch.Tensor, t: int | torch.Ten
         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(x), Df(x)ᵀ[u]) for f = ε or h; u has the shape of f(x)."""
     _check(backbone, x, None, "u")
+    _check_finite(u, "u")
     f = output_fn(backbone, t, cond, output)
     with backbone.derivative_mode():
         out, pullback = _vjp(f, x)
@@ -118,6 +128,7 @@ def batched_vjp(backbone: Backbone, x: torch.Tensor, U: torch.Tensor, t: int | t
                 ) -> torch.Tensor:
     """Df(x)ᵀ[U_k] for K cotangents U of shape (K, *f(x).shape): returns (K, *x.shape)."""
     _check(backbone, x, None, "U")
+    _check_finite(U, "U")
     if chunk < 1:
         raise InputError(f"chunk must be >= 1, got {chunk}")
     B = x.shape[0]

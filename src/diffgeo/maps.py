@@ -39,6 +39,12 @@ from diffgeo.tangent import TangentBasis, tangent_basis
 ESTIMATORS = ("gram", "probe", "lowrank", "loop")
 
 
+def default_estimator(definition: str) -> str:
+    """The estimator a map of ``definition`` uses unless told: exact Gram for the projected
+    definitions, random probes for plain h."""
+    return "gram" if definition in PROJECTED else "probe"
+
+
 @dataclass
 class RateMap:
     """Rates of every state cell at one timestep: ``values`` (h, w), on the CPU, in
@@ -107,7 +113,7 @@ def rate_map(backbone: Backbone, x: torch.Tensor, t: int, definition: str = "h",
     check_definition(definition)
     if x.shape[0] != 1:
         raise InputError("rate_map takes one state (batch 1)")
-    estimator = estimator or ("gram" if definition in PROJECTED else "probe")
+    estimator = estimator or default_estimator(definition)
     if estimator not in ESTIMATORS:
         raise InputError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     C, h, w = backbone.state_shape

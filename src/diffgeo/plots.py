@@ -20,10 +20,16 @@ def normalise01(values) -> np.ndarray:
 
 
 def _save(fig, path: str | Path) -> Path:
+    from diffgeo.io import atomic_write
+
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    try:
+        # through a temporary file: a symlink at ``path`` is replaced, never written through
+        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png"))
+    finally:
+        plt.close(fig)
+    return path
 
 
 def grouped_bars(labels: Sequence[str], series: Mapping[str, Sequence[float]], path: str | Path,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from diffgeo.errors import InputError
@@ -28,3 +30,30 @@ def check_device(device: str | torch.device) -> None:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise InputError(f"device {device!r} is not available here ({e})") from None
+
+
+def memory_available(device: str | torch.device) -> int:
+    """Bytes a run may use on ``device``: the GPU's total memory, else this machine's RAM."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: no estimate, no refusal
+        return 1 << 62
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_memory(nbytes: float, what: str, lower: str, device: str | torch.device,
+                 limit_gib: float | None = None) -> None:
+    """Refuse, before the work, a run whose largest allocation (``nbytes``, estimated from its
+    options and the model) exceeds the budget: ``limit_gib`` (``--max-memory``) or 80% of
+    :func:`memory_available`. The message names the option to lower (``lower``)."""
+    limit = limit_gib * 2**30 if limit_gib is not None else 0.8 * memory_available(device)
+    if nbytes > limit:
+        source = "--max-memory" if limit_gib is not None else "80% of this device's memory"
+        raise InputError(f"{what} would need about {_gib(nbytes)}, above the {_gib(limit)} "
+                         f"budget ({source}): lower {lower}, or raise --max-memory")

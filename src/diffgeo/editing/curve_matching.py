@@ -138,8 +138,8 @@ class CurveMatchingConfig:
         if isinstance(self.t_blend, bool) or not isinstance(self.t_blend, int) \
                 or self.t_blend < 0:
             raise InputError(f"t_blend must be an integer timestep >= 0, got {self.t_blend!r}")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < float("inf"):
+            raise InputError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0 < self.lambda1 < float("inf"):
             raise InputError(f"lambda1 must be a finite number > 0, got {self.lambda1}")
         rd = self.refresh_drift

@@ -400,6 +400,17 @@ def to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
     raise InputError(f"cannot convert a {c}-channel image to {channels} channels")
 
 
+def header_size(path: PathLike) -> tuple[int, int] | None:
+    """(H, W) from the file's header without decoding the pixels; None when it cannot be read
+    (:func:`open_image` then says why)."""
+    try:
+        with Image.open(Path(path)) as img:
+            w, h = img.size
+    except Exception:  # any failure is reported by the decoding that follows
+        return None
+    return int(h), int(w)
+
+
 def load_image(
     path: PathLike,
     size: tuple[int, int] | None = None,

@@ -48,10 +48,23 @@ def result_dir(opts: ImageVerbOptions, names: Sequence[str],
     return results
 
 
+def check_memory(opts: ImageVerbOptions, bb: Backbone, nbytes: float, what: str,
+                 lower: str) -> None:
+    """The run's largest allocation against the memory budget (``--max-memory``)."""
+    from diffgeo.runtime import check_memory as check
+
+    check(nbytes, what, lower, bb.device, opts.max_memory)
+
+
 def prepare_image(bb: Backbone, image: Path, opts: ImageVerbOptions):
     """(x on the backbone's device and dtype, its Fit, the prompt's conditioning)."""
     from diffgeo.io import load_image
+    from diffgeo.io.images import header_size
 
+    hw = header_size(image)
+    if hw is not None:  # decoded as float32 RGB, then fitted: about three copies at full size
+        check_memory(opts, bb, 3 * 3 * 4 * hw[0] * hw[1], f"the image {image} ({hw[0]}x{hw[1]})",
+                     "its size (downscale it first)")
     x, fit_info = load_image(image, size=bb.image_size,
                              fit=None if opts.fit is None else str(opts.fit))
     x = x.to(device=bb.device, dtype=bb.dtype)

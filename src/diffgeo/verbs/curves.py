@@ -3,6 +3,7 @@ file's inversion path (analysis)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from diffgeo.errors import InputError
 from diffgeo.verbs.common import (
     backbone_for,
     base_settings,
+    check_memory,
     prepare_image,
     result_dir,
     time_grid,
@@ -127,10 +129,13 @@ class SaliencyOptions(PathOptions, Seeded):
 
 
 def _invert(bb, x, opts: PathOptions, cond, progress: bool):
+    from diffgeo.curves import check_window
     from diffgeo.sampling import invert
 
     grid = time_grid(bb, opts.steps)
-    t_top = grid.top if opts.t is None else opts.t
+    t_top = grid.top if opts.t is None else grid.check(opts.t, "--t")
+    levels = list(grid.up_to(t_top))  # the curves' timesteps
+    check_window(levels, opts.window, min(opts.t_min, levels[-1] - 1))
     with torch.no_grad():
         state = bb.to_state(x)
     return grid, t_top, invert(bb, state, t_top, grid, cond, progress=progress)
@@ -284,14 +289,18 @@ def saliency_map(opts: SaliencyOptions, backbone: Backbone | None = None,
     """Whole-image generation-rate maps along IMAGE's inversion path and the saliency map (the
     fluctuation of every pixel's curve), with an overlay; writes saliency.png, rate_maps.npz."""
     from diffgeo.io import to_uint8
-    from diffgeo.maps import rate_maps_along, upsample_to_image
+    from diffgeo.maps import default_estimator, rate_maps_along, upsample_to_image
     from diffgeo.plots import heatmap_figure
 
     bb = backbone_for(opts, backbone)
     results = result_dir(opts, ("saliency.png", "rate_maps.npz", "settings.json"), [opts.image])
+    estimator = None if opts.estimator is None else str(opts.estimator)
+    if (estimator or default_estimator(str(opts.definition))) == "probe":
+        # the probes and their vector-Jacobian products, one h-sized tensor each
+        check_memory(opts, bb, 2 * opts.probes * math.prod(bb.h_shape()) * bb.dtype.itemsize,
+                     "the probe estimator", "--probes")
     x, fit_info, cond = prepare_image(bb, opts.image, opts)
     grid, t_top, inv = _invert(bb, x, opts, cond, progress)
-    estimator = None if opts.estimator is None else str(opts.estimator)
     maps = rate_maps_along(bb, inv, str(opts.definition), estimator, cond, probes=opts.probes,
                            seed=opts.seed, k=opts.k, progress=progress)
     sal = maps.saliency(opts.window, min(opts.t_min, maps.timesteps[-1] - 1))

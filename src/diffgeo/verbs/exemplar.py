@@ -13,6 +13,7 @@ from diffgeo.errors import InputError
 from diffgeo.verbs.common import (
     backbone_for,
     base_settings,
+    check_memory,
     evenly_spaced,
     prepare_image,
     result_dir,
@@ -193,6 +194,8 @@ def exemplar(opts: ExemplarOptions, backbone: Backbone | None = None,
         if opts.place:
             native, _ = load_image(e)
             r, c, scale = opts.place[k]
+            check_memory(opts, bb, native.numel() * scale**2 * bb.dtype.itemsize,
+                         f"exemplar {k + 1} scaled by {scale:g}", "the scale of its --place")
             placed, _ = place_exemplar(native.to(device=bb.device, dtype=bb.dtype), x,
                                        offset=(r, c), scale=scale)
             ex_images.append(placed)

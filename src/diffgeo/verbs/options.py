@@ -35,6 +35,8 @@ class Meta:
     check: Callable[[Any, str], None] | None = None  # raises InputError naming the flag
     cli: bool = True  # offered on the command line (False: API and batch only)
     listed: bool = False  # a tuple given as one comma-separated value, not a repeated flag
+    protect: bool = True  # a path option: results may never replace it (False: a folder the
+    #                       verb writes into, such as the batch folder `evaluate` reports in)
 
     def flag(self, name: str) -> str:
         return self.flags[0].split("/")[0] if self.flags else "--" + name.replace("_", "-")
@@ -43,9 +45,9 @@ class Meta:
 def option(default: Any = MISSING, help: str = "", *, flags: Sequence[str] = (),
            argument: bool = False, parse: Callable[[Any, str], Any] | None = None,
            check: Callable[[Any, str], None] | None = None, cli: bool = True,
-           listed: bool = False) -> Any:
+           listed: bool = False, protect: bool = True) -> Any:
     """A dataclass field carrying its :class:`Meta`."""
-    meta = {"option": Meta(help, tuple(flags), argument, parse, check, cli, listed)}
+    meta = {"option": Meta(help, tuple(flags), argument, parse, check, cli, listed, protect)}
     if isinstance(default, list):
         raise TypeError("use a tuple default for a repeatable option")
     return field(default=default, metadata=meta)
@@ -102,6 +104,14 @@ def at_least(lo: float) -> Callable[[Any, str], None]:
     def check(v: Any, name: str) -> None:
         if v is not None and not v >= lo:
             raise InputError(f"{name} must be >= {lo:g}, got {v!r}")
+
+    return check
+
+
+def finite_above(lo: float) -> Callable[[Any, str], None]:
+    def check(v: Any, name: str) -> None:
+        if v is not None and not lo < v < float("inf"):
+            raise InputError(f"{name} must be a finite number > {lo:g}, got {v!r}")
 
     return check
 
@@ -241,6 +251,22 @@ class Options:
     def differentiates(self) -> bool:
         return self.DIFFERENTIATES
 
+    def input_paths(self) -> list[Path]:
+        """Every file or folder the options read (path options, a local model folder): what no
+        result of the run may replace."""
+        hints = typing.get_type_hints(type(self))
+        found: list[Path] = []
+        for f in dataclasses.fields(self):
+            if f.name in RESERVED or not meta_of(f).protect:
+                continue
+            value = getattr(self, f.name)
+            if hint_shape(hints[f.name])[0] is Path:
+                found += [v for v in (value if isinstance(value, tuple) else (value,))
+                          if isinstance(v, Path)]
+            elif f.name == "model" and isinstance(value, str) and Path(value).exists():
+                found.append(Path(value))
+        return found
+
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
@@ -333,6 +359,9 @@ class ImageVerbOptions(ModelOptions):
     fit: FitMode | None = option(None, FIT_HELP)
     out: Path | None = option(None, "Output folder.")
     force: bool = option(False, FORCE_HELP)
+    max_memory: float | None = option(None, "Refuse a run estimated to need more than this many "
+                                      "GiB at once (default: 80% of the device's memory).",
+                                      check=finite_above(0))
 
 
 @dataclass(frozen=True, kw_only=True)

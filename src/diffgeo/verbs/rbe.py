@@ -66,7 +66,7 @@ class DirectionsOptions(ImageVerbOptions, Seeded):
 class ApplyOptions(ImageVerbOptions, Seeded):
     image: Path = option(help="Image to edit.", argument=True)
     directions: Path = option(help="A directions folder written by `diffgeo directions` "
-                              "(DIR/directions).")
+                              "(its --out DIR, or DIR/directions).")
     index: int = option(0, "Which direction.", check=at_least(0))
     strength: tuple[float, ...] = option((-30.0, 0.0, 30.0), "Edit strengths α, "
                                          "comma-separated.", parse=floats, listed=True)
@@ -116,7 +116,8 @@ def directions(opts: DirectionsOptions, backbone: Backbone | None = None,
     from diffgeo.editing.rbe import RBEConfig, apply_direction, discover_directions
 
     bb = backbone_for(opts, backbone)
-    names = ["settings.json", *(f"direction-{i}.png" for i in range(opts.k))]
+    names = ["settings.json", *(f"direction-{i}.png" for i in range(opts.k)),
+             "directions/directions.json", "directions/directions.safetensors"]
     results = result_dir(opts, names, [opts.image])
     x, fit_info, cond = prepare_image(bb, opts.image, opts)
     region = region_mask(bb, fit_info, opts.mask, opts.box)
@@ -135,7 +136,8 @@ def directions(opts: DirectionsOptions, backbone: Backbone | None = None,
         "singular_values": dirs.singular_values.tolist(), "discovery": dirs.settings,
     })
     if results is not None:
-        dirs.save(results.path / "directions", force=opts.force)
+        # staged like every result (the directions' own files, checked like the others)
+        dirs.save(results.path_for("directions/directions.json").parent, force=True)
         settings["previews"] = [
             _strip_with_locality(results, f"direction-{i}.png",
                                  apply_direction(bb, state, dirs, i, list(opts.preview),

@@ -5,11 +5,13 @@ The faces (cli.py, batch.py, evaluate.py, demo.py) read verbs from here and neve
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from diffgeo.errors import InputError
+from diffgeo.io.results import run_scope
 from diffgeo.verbs.options import Options
 
 #: Groups of ``diffgeo --help``, in display order.
@@ -61,11 +63,27 @@ def register(name: str, group: str, options: type[Options], *, out: str | None =
     def add(fn: Callable[..., Result]) -> Callable[..., Result]:
         if name in REGISTRY:
             raise ValueError(f"verb {name!r} registered twice")
-        REGISTRY[name] = Verb(name, group, options, fn, " ".join((fn.__doc__ or "").split()), out,
-                              batchable, compared)
-        return fn
+        guarded = _guarded(name, fn)
+        REGISTRY[name] = Verb(name, group, options, guarded,
+                              " ".join((fn.__doc__ or "").split()), out, batchable, compared)
+        return guarded
 
     return add
+
+
+def _guarded(name: str, fn: Callable[..., Result]) -> Callable[..., Result]:
+    """``fn`` run as one transaction: its result folders appear whole or not at all, and no
+    result replaces one of its input files (whoever calls it: CLI, batch, the API)."""
+
+    @functools.wraps(fn)
+    def run_verb(opts: Options, *args: Any, **kwargs: Any) -> Result:
+        if not isinstance(opts, Options):
+            raise InputError(f"{name}: options must be a {fn.__name__} options object, got "
+                             f"{type(opts).__name__} (use diffgeo.verbs.run({name!r}, ...))")
+        with run_scope(name, opts.input_paths()):
+            return fn(opts, *args, **kwargs)
+
+    return run_verb
 
 
 def get(name: str) -> Verb:

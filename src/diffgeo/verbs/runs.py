@@ -70,7 +70,8 @@ def batch(opts: BatchOptions, backbone: Backbone | None = None,
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateOptions(Options):
-    results: Path = option(help="A `diffgeo batch` output folder.", argument=True)
+    results: Path = option(help="A `diffgeo batch` output folder.", argument=True,
+                           protect=False)  # the report is written into it
     metric: tuple[str, ...] = option((), "psnr, ssim or mse (repeatable; default: all three).")
     clip: str | None = option(None, "Also CLIP_sim (and CLIP-I for exemplar jobs) with this "
                               "CLIP model (hub id or folder).")
