@@ -13,7 +13,12 @@ from diffgeo.errors import InputError
 
 
 class PixelBackbone(Backbone):
-    """A ``UNet2DModel`` running directly on images in [-1, 1]."""
+    """A ``UNet2DModel`` running directly on images in [-1, 1].
+
+    A network with twice as many output channels as input channels predicts ε and a learned
+    variance (improved DDPM, guided diffusion); only the first half, ε, is used: deterministic
+    DDIM never needs the variance, and stochastic DDIM's σ comes from η, not from the model.
+    """
 
     kind = "pixel"
 
@@ -25,6 +30,12 @@ class PixelBackbone(Backbone):
         self.prediction_type = prediction_type
         self.name = name
         self.conditional = unet.class_embedding is not None
+        c_in, c_out = unet.config.in_channels, unet.config.out_channels
+        if c_out not in (c_in, 2 * c_in):
+            raise InputError(f"the UNet2DModel has {c_out} output channels for {c_in} input "
+                             "channels: ε needs as many (or twice as many, with a learned "
+                             "variance)")
+        self._eps_channels = c_in if c_out == 2 * c_in else None
         size = unet.config.sample_size
         self._size = (size, size) if isinstance(size, int) else tuple(size)
 
@@ -39,7 +50,10 @@ class PixelBackbone(Backbone):
     def native(self, x, t, cond=None):
         tt = self.timesteps(t, x.shape[0])
         labels = None if cond is None else cond.expand(x.shape[0]).class_labels
-        return self.unet(x, tt, class_labels=labels).sample
+        return self._eps_part(self.unet(x, tt, class_labels=labels).sample)
+
+    def _eps_part(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self._eps_channels is None else out[:, :self._eps_channels]
 
     def encode(self, x, t, cond: Conditioning | None = None) -> Encoded:
         u = self.unet
@@ -90,6 +104,7 @@ class PixelBackbone(Backbone):
             sample = sample + skip_sample
         if u.config.time_embedding_type == "fourier":
             sample = sample / enc.timesteps.reshape(-1, 1, 1, 1).to(sample.dtype)
+        sample = self._eps_part(sample)
         return (sample, feats) if return_features else sample
 
     @contextlib.contextmanager

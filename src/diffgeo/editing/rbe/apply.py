@@ -133,9 +133,13 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
     index = int(index)
     alphas = _check_strengths(strengths)
     h_shape = tuple(backbone.h_shape())
+    where = "directions" if directions.source is None else f"the directions in {directions.source}"
     if directions.h_shape != h_shape:
-        raise InputError(f"directions have h shape {directions.h_shape} but this backbone's h is "
+        raise InputError(f"{where} have h shape {directions.h_shape} but this backbone's h is "
                          f"{h_shape}: they were found with another model or resolution")
+    if not 0 <= directions.timestep < backbone.num_train_timesteps:
+        raise InputError(f"{where} were found at t={directions.timestep}, outside this model's "
+                         f"0..{backbone.num_train_timesteps - 1}: they come from another model")
     t_edit = directions.timestep if config.t_edit is None else config.t_edit
     if grid is None:
         grid = directions.num_steps or DEFAULT_STEPS

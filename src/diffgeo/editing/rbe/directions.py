@@ -41,6 +41,8 @@ class Directions:
     unmasked_values: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    #: The tensor file these were read from (None when computed): errors about them name it.
+    source: Path | None = field(default=None, compare=False, repr=False)
 
     @property
     def k(self) -> int:
@@ -103,20 +105,85 @@ class Directions:
 
     @classmethod
     def load(cls, folder: str | Path) -> Directions:
-        """Read a folder written by :meth:`save` (tensors on the CPU, in their saved dtype)."""
-        from safetensors.torch import load_file
+        """Read a folder written by :meth:`save` (tensors on the CPU, in their saved dtype).
 
-        folder = Path(folder)
+        ``folder`` may also be the folder above it, as ``diffgeo directions --out DIR`` writes
+        it (DIR holds the previews and DIR/directions the vectors). Every fault of the files is
+        an :class:`InputError` naming the file; whether the vectors fit a model is checked where
+        they meet it (:func:`apply_direction`), which names the file too (``source``).
+        """
+        from diffgeo.backbones.load import load_safetensors, read_json_file
+
+        folder = _directions_folder(Path(folder))
         tpath, mpath = folder / _TENSORS, folder / _META
-        if not tpath.is_file() or not mpath.is_file():
-            raise InputError(f"{folder} is not a directions folder: expected {_TENSORS} and "
-                             f"{_META} (written by Directions.save)")
-        meta = json.loads(mpath.read_text())
+        meta = read_json_file(mpath, "directions metadata")
         if meta.get("format") != _FORMAT:
             raise InputError(f"{mpath} has format {meta.get('format')!r}, expected {_FORMAT!r}")
-        t = load_file(str(tpath))
+        t = load_safetensors(tpath)
+        _check_tensors(t, tpath)
+        k, h_shape = int(t["vectors"].shape[0]), list(t["vectors"].shape[1:])
+        for key, want in (("k", k), ("h_shape", h_shape)):
+            if key in meta and meta[key] != want:
+                raise InputError(f"{mpath} gives {key} {meta[key]!r} but {tpath} holds {want!r}: "
+                                 "the two files come from different runs")
+        timestep, num_steps = meta.get("timestep"), meta.get("num_steps")
+        if isinstance(timestep, bool) or not isinstance(timestep, int) or timestep < 0:
+            raise InputError(f"{mpath}: timestep must be an integer >= 0, got {timestep!r}")
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
+                                      or num_steps < 1):
+            raise InputError(f"{mpath}: num_steps must be an integer >= 1 or null, "
+                             f"got {num_steps!r}")
+        settings = meta.get("settings", {})
+        if not isinstance(settings, dict):
+            raise InputError(f"{mpath}: settings must be an object, got {settings!r}")
         return cls(vectors=t["vectors"], raw_vectors=t["raw_vectors"],
-                   singular_values=t["singular_values"], timestep=int(meta["timestep"]),
-                   num_steps=meta["num_steps"], unmasked_vectors=t.get("unmasked_vectors"),
+                   singular_values=t["singular_values"], timestep=timestep,
+                   num_steps=num_steps, unmasked_vectors=t.get("unmasked_vectors"),
                    unmasked_values=t.get("unmasked_values"), mask=t.get("mask"),
-                   settings=meta.get("settings", {}))
+                   settings=settings, source=tpath)
+
+
+def _directions_folder(folder: Path) -> Path:
+    """``folder`` or, when it is what ``diffgeo directions --out`` wrote, its directions/."""
+    if not folder.is_dir():
+        what = "it does not exist" if not folder.exists() else "it is a file"
+        raise InputError(f"{folder} is not a directions folder: {what} (pass the folder "
+                         "`diffgeo directions --out` wrote, or the directions/ inside it)")
+    inner = folder / "directions"
+    if not any((folder / n).exists() for n in (_TENSORS, _META)) and inner.is_dir():
+        folder = inner
+    present = [n for n in (_TENSORS, _META) if (folder / n).is_file()]
+    if not present:
+        raise InputError(f"{folder} is not a directions folder: expected {_TENSORS} and "
+                         f"{_META} (written by Directions.save)")
+    if len(present) == 1:
+        missing = _META if present[0] == _TENSORS else _TENSORS
+        raise InputError(f"{folder / missing} is missing: a directions folder holds both "
+                         f"{_TENSORS} and {_META} (written together by Directions.save)")
+    return folder
+
+
+def _check_tensors(t: dict[str, torch.Tensor], path: Path) -> None:
+    """The tensors of a directions file agree with each other (a hand-edited or foreign file
+    would otherwise fail deep inside an edit)."""
+    for name in ("vectors", "raw_vectors", "singular_values"):
+        if name not in t:
+            raise InputError(f"{path} has no tensor {name!r}: not a directions file "
+                             f"(it holds {sorted(t)})")
+    v = t["vectors"]
+    if v.ndim < 2 or v.shape[0] < 1 or not v.is_floating_point():
+        raise InputError(f"{path}: vectors must be floating point, shape (k, *h_shape), got "
+                         f"{str(v.dtype).replace('torch.', '')} {list(v.shape)}")
+    k, h_shape = v.shape[0], tuple(v.shape[1:])
+    want = {"raw_vectors": (k, *h_shape), "singular_values": (k,)}
+    if "unmasked_vectors" in t:
+        ku = t["unmasked_vectors"].shape[0] if t["unmasked_vectors"].ndim else 0
+        want["unmasked_vectors"] = (ku, *h_shape)
+        if "unmasked_values" in t:
+            want["unmasked_values"] = (ku,)
+    for name, shape in want.items():
+        if tuple(t[name].shape) != shape:
+            raise InputError(f"{path}: {name} has shape {list(t[name].shape)}, expected "
+                             f"{list(shape)} (vectors are {list(v.shape)})")
+    if "mask" in t and t["mask"].ndim != 2:
+        raise InputError(f"{path}: mask must be 2-D (h, w), got shape {list(t['mask'].shape)}")
