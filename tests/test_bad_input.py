@@ -176,7 +176,7 @@ CASES: list[tuple[str, Case, tuple[str, ...]]] = [
                                                             "float16"], ("--dtype",)),
     ("region twice", lambda s: s.base("remove") + ["--mask", str(s.mask), "--box", "1,1,4,4"],
      ("--mask", "--box")),
-    ("blend without mask", lambda s: s.base("blend"), ("--mask",)),
+    ("blend without mask", lambda s: s.base("blend"), ("blend needs --mask",)),
     # ---------------------------------------------------------------- bad locations
     ("out is a file", lambda s: s.base("invert") + ["--out", str(s.image)], ("photo.png",)),
     ("out under a file", lambda s: s.base("invert") + ["--out", str(s.image / "sub")],

@@ -147,6 +147,11 @@ class BlendOptions(CurveEditOptions):
     image: Path = option(help="A composite (foreground pasted on a background).", argument=True)
     mask: Path | None = option(None, "Foreground mask (white = pasted).")
 
+    def validate(self) -> None:
+        if self.mask is None:  # blend has no --box: the region is the pasted foreground
+            raise InputError("blend needs --mask FILE: the foreground mask (white = pasted)")
+        super().validate()
+
 
 @dataclass
 class CurveEditResult(Result):
