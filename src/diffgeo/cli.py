@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -22,7 +23,7 @@ import typer
 
 from diffgeo.errors import DiffgeoError
 from diffgeo.verbs import GROUPS, Verb, all_verbs
-from diffgeo.verbs.options import Choice, hint_shape, meta_of
+from diffgeo.verbs.options import RESERVED, Choice, hint_shape, meta_of
 
 app = typer.Typer(
     name="diffgeo",
@@ -112,6 +113,34 @@ def _command(verb: Verb):
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
+
+
+def command_line(verb: Verb, opts: Any) -> str:
+    """The ``diffgeo`` command that runs ``verb`` with the options ``opts`` (those that differ
+    from their defaults, without --out/--force): what a face other than the CLI (the web app)
+    shows for a result."""
+    words = ["diffgeo", verb.name]
+    flags: list[str] = []
+    for f in dataclasses.fields(verb.options):
+        meta = meta_of(f)
+        value = getattr(opts, f.name)
+        if not meta.cli or f.name in RESERVED or (f.default is not dataclasses.MISSING
+                                                  and value == f.default):
+            continue  # --out/--force: where to write is the user's to add
+        if meta.argument:
+            words.append(str(value))
+            continue
+        name = meta.flags[0] if meta.flags else "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            on, _, off = name.partition("/")
+            flags.append(on if value else (off or "--no-" + on[2:]))
+            continue
+        flag = name.split("/")[0]
+        repeated = isinstance(value, tuple) and not meta.listed and meta.parse is None \
+            or isinstance(value, tuple) and value and isinstance(value[0], tuple)
+        for item in (value if repeated else (value,)):
+            flags += [flag, str(_cli_text(item.value if isinstance(item, Choice) else item))]
+    return shlex.join(words + flags)
 
 
 for _verb in all_verbs():

@@ -49,7 +49,7 @@ REGISTRY: dict[str, Verb] = {}
 
 #: The order verbs are listed in within their group; a verb missing here comes last.
 ORDER = ("info", "invert", "curves", "saliency-map", "transfer", "remove", "adjust-saliency",
-         "blend", "inpaint", "directions", "apply", "exemplar", "batch", "evaluate", "demo",
+         "blend", "inpaint", "directions", "apply", "exemplar", "ui", "batch", "evaluate", "demo",
          "train")
 
 

@@ -8,7 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffgeo.verbs.options import DEVICE_HELP, FORCE_HELP, MODEL_HELP, SEED_HELP, Options, option
+from diffgeo.verbs.options import (
+    DEVICE_HELP,
+    FORCE_HELP,
+    MODEL_HELP,
+    SEED_HELP,
+    Options,
+    at_least,
+    in_range,
+    option,
+)
 from diffgeo.verbs.registry import Result, register
 
 if TYPE_CHECKING:
@@ -150,3 +159,27 @@ def demo(opts: DemoOptions, backbone: Backbone | None = None,
     page = run_demo(out=opts.out, model=backbone or opts.model, quick=opts.quick,
                     device=opts.device, seed=opts.seed, force=opts.force)
     return DemoResult({"verb": "demo"}, page)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UIOptions(Options):
+    model: str = option("default", MODEL_HELP)
+    device: str = option("cpu", DEVICE_HELP)
+    host: str = option("127.0.0.1", "Address to listen on (anything but a loopback address "
+                       "makes the app reachable from other machines: a warning says so).")
+    port: int | None = option(None, "Port (default: Gradio's, 7860 or the next free one).",
+                              check=in_range(0, 65535))
+    steps: int = option(20, "DDIM steps of every action.", check=at_least(1))
+
+
+@register("ui", "runs", UIOptions)
+def ui(opts: UIOptions, backbone: Backbone | None = None, progress: bool = False) -> Result:
+    """Start the web app in the browser: click a pixel for its generation curve, paint a region
+    to edit it (curve matching) or find its h-space directions, paste exemplars (needs the ui
+    extra: pip install 'diffgeo[ui]')."""
+    from diffgeo.ui.app import launch
+    from diffgeo.ui.session import Session
+
+    session = Session(opts.model, opts.device, backbone=backbone, steps=opts.steps)
+    launch(host=opts.host, port=opts.port, session=session)
+    return Result({"verb": "ui", "options": opts.to_dict()})
