@@ -121,6 +121,7 @@ def command_line(verb: Verb, opts: Any) -> str:
     shows for a result."""
     words = ["diffgeo", verb.name]
     flags: list[str] = []
+    hints = typing.get_type_hints(verb.options)
     for f in dataclasses.fields(verb.options):
         meta = meta_of(f)
         value = getattr(opts, f.name)
@@ -130,16 +131,15 @@ def command_line(verb: Verb, opts: Any) -> str:
         if meta.argument:
             words.append(str(value))
             continue
-        name = meta.flags[0] if meta.flags else "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
-            on, _, off = name.partition("/")
+            on, _, off = (meta.flags[0] if meta.flags else meta.flag(f.name)).partition("/")
             flags.append(on if value else (off or "--no-" + on[2:]))
             continue
-        flag = name.split("/")[0]
-        repeated = isinstance(value, tuple) and not meta.listed and meta.parse is None \
-            or isinstance(value, tuple) and value and isinstance(value[0], tuple)
+        # a repeatable flag exactly where _parameter made one
+        repeated = hint_shape(hints[f.name])[2] and not meta.listed
         for item in (value if repeated else (value,)):
-            flags += [flag, str(_cli_text(item.value if isinstance(item, Choice) else item))]
+            flags += [meta.flag(f.name),
+                      str(_cli_text(item.value if isinstance(item, Choice) else item))]
     return shlex.join(words + flags)
 
 

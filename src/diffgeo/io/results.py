@@ -199,16 +199,11 @@ def run_scope(label: str, protect: Iterable[PathLike] = ()) -> Iterator[RunScope
     token = _SCOPE.set(scope)
     try:
         yield scope
-        for i, folder in enumerate(scope.folders):
-            try:
-                folder.commit()
-            except BaseException:
-                for rest in scope.folders[i:]:
-                    rest.abort()
-                raise
+        for folder in scope.folders:
+            folder.commit()
     except BaseException:
         for folder in scope.folders:
-            folder.abort()
+            folder.abort()  # a committed folder keeps its files: only an empty one it made goes
         raise
     finally:
         _SCOPE.reset(token)
