@@ -19,6 +19,7 @@ from diffgeo.editing.curve_matching import (
     curve_matching,
     full_path,
     match_outside_statistics,
+    observe_iterations,
     paste_outside,
     rates_batch,
     walk_to,
@@ -267,6 +268,31 @@ def test_minimize_lowers_the_rate_and_history_is_complete(pixel_bb):
     assert res.image.shape == (1, 3, 16, 16) and float(res.image.abs().max()) <= 1
     again = curve_matching(pixel_bb, _image(4), REGION, cfg)
     assert torch.equal(res.state, again.state)  # same seed, same run
+
+
+def test_observers_see_every_iteration_and_can_stop_the_run(pixel_bb):
+    cfg = CurveMatchingConfig(t=500, num_steps=10, iterations=5, loss="minimize",
+                              localized=False, snapshot_every=2)
+    seen: list = []
+    with observe_iterations(lambda it, entry, snap: seen.append((it, entry["loss"], snap))):
+        res = curve_matching(pixel_bb, _image(4), REGION, cfg)
+    assert [it for it, _, _ in seen] == list(range(5))
+    assert [loss for _, loss, _ in seen] == [h["loss"] for h in res.history]
+    # the snapshot an iteration kept comes with it, and only then
+    assert [snap is not None for _, _, snap in seen] == [False, True, False, True, False]
+    assert torch.equal(seen[1][2], res.snapshots[0][1])
+    outside = curve_matching(pixel_bb, _image(4), REGION, cfg)  # no observer once the block ends
+    assert torch.equal(outside.state, res.state)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_two(it, entry, snap):
+        if it == 2:
+            raise Stop
+
+    with observe_iterations(stop_at_two), pytest.raises(Stop):
+        curve_matching(pixel_bb, _image(4), REGION, cfg)
 
 
 def test_match_and_saliency_losses_run(pixel_bb):

@@ -29,7 +29,9 @@ Losses (``loss``): ``match`` |r − c*(t_k)| (semantic transfer, removal with a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -296,6 +298,24 @@ def blended_decode(backbone: Backbone, x: torch.Tensor, orig_path: dict[int, tor
     return sample(backbone, x, g, cond=cond, on_step=paste, record=False).last
 
 
+#: Called after every iteration with (iteration, history entry, snapshot image or None).
+IterationObserver = Callable[[int, dict[str, Any], "torch.Tensor | None"], None]
+_observers: ContextVar[tuple[IterationObserver, ...]] = ContextVar("curve_matching_observers",
+                                                                   default=())
+
+
+@contextlib.contextmanager
+def observe_iterations(observer: IterationObserver) -> Iterator[None]:
+    """Within the block, every curve-matching run calls ``observer`` after each iteration —
+    how a face shows a live loss plot without the verbs carrying a callback. An exception the
+    observer raises stops the run (a cancel button) and propagates to the caller."""
+    token = _observers.set((*_observers.get(), observer))
+    try:
+        yield
+    finally:
+        _observers.reset(token)
+
+
 def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                    config: CurveMatchingConfig | None = None, *,
                    reference_pixel: Sequence[int] | None = None,
@@ -343,6 +363,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
     snapshots: list[tuple[int, torch.Tensor]] = []
     x_refreshed, refreshes = x_orig, 0
     tolerance = cfg.drift_tolerance
+    observers = _observers.get()
     for it in tqdm(range(cfg.budget), desc=f"curve matching ({cfg.loss})",
                    disable=not progress):
         # How far X_t has moved since the path was last computed: fast mode's ΔX error grows
@@ -415,6 +436,9 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
             with torch.no_grad():
                 snap = generate(backbone, x.detach(), cfg.t, grid, cond).last
                 snapshots.append((it + 1, backbone.to_image(snap).clamp(-1, 1).cpu()))
+        for observer in observers:
+            observer(it, history[-1], snapshots[-1][1] if snapshots and snapshots[-1][0] == it + 1
+                     else None)
     final_blend = bool(cfg.localized and cfg.t > cfg.t_blend and history
                        and not history[-1]["blended"])
     if final_blend:
