@@ -628,3 +628,25 @@ def test_region_rules_on_a_known_mask() -> None:
         as_mask(torch.ones(3, 3), (4, 4))
     with pytest.raises(InputError, match="region is empty"):
         region_pixels(torch.zeros(3, 3))
+
+
+@pytest.mark.parametrize("mode", FIT_MODES)
+def test_fit_pull_back_takes_the_model_pixel_each_input_pixel_maps_to(mode: str) -> None:
+    _, fit = fit_tensor(torch.zeros(1, 1, 40, 80), (32, 32), mode)
+    assert Fit.from_dict(json.loads(json.dumps(fit.to_dict()))) == fit
+    values = np.arange(32 * 32, dtype=np.float32).reshape(32, 32)
+    back = fit.pull_back(values, fill=-1.0)
+    assert back.shape == (40, 80)
+    cut = 0
+    for r in range(40):
+        for c in range(80):
+            try:
+                mr, mc = fit.map_pixel((r, c))
+            except InputError:  # the fit cut this pixel away: it gets the fill value
+                assert back[r, c] == -1.0
+                cut += 1
+                continue
+            assert back[r, c] == values[mr, mc], (r, c)
+    assert (cut > 0) == (mode == "crop")
+    with pytest.raises(InputError, match="32x32"):
+        fit.pull_back(np.zeros((16, 16)))

@@ -134,6 +134,33 @@ class Fit:
             )
         return ri, ci
 
+    def pull_back(self, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """A map on the model grid (``out_size``) as a map on the input's pixels (``in_size``):
+        each input pixel takes the model pixel its centre lands on (nearest, the rule of
+        :meth:`map_pixel`); input pixels the fit cut away get ``fill``. How a model-grid
+        result (a saliency map) becomes a mask or edit map drawn on the user's image."""
+        arr = np.asarray(values)
+        if arr.shape[:2] != tuple(self.out_size):
+            raise InputError(f"a model-grid map must be {format_size(self.out_size)} (HxW), got "
+                             f"{arr.shape[0]}x{arr.shape[1]}" if arr.ndim >= 2 else
+                             f"a model-grid map must be 2-D, got shape {arr.shape}")
+        h, w = self.out_size
+        rows = np.floor((np.arange(self.in_size[0]) + 0.5) * self.scale_y + self.offset_y)
+        cols = np.floor((np.arange(self.in_size[1]) + 0.5) * self.scale_x + self.offset_x)
+        rows, cols = rows.astype(np.int64), cols.astype(np.int64)
+        seen = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+        out = arr[np.clip(rows, 0, h - 1)][:, np.clip(cols, 0, w - 1)]
+        out = out.astype(np.result_type(arr.dtype, np.float32), copy=True)
+        out[~seen] = fill
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Fit:
+        """The inverse of :meth:`to_dict` (a fit read back from settings.json)."""
+        return cls(str(data["mode"]), tuple(data["in_size"]), tuple(data["out_size"]),
+                   float(data["scale_y"]), float(data["scale_x"]), float(data["offset_y"]),
+                   float(data["offset_x"]))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, e.g. to record in a run's summary."""
         return {
