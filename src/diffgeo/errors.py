@@ -34,6 +34,11 @@ class NonFiniteError(DiffgeoError, ArithmeticError):
     """A computation produced NaN or infinity; its result is refused rather than written."""
 
 
+class Cancelled(DiffgeoError):
+    """The person who started a run stopped it (the web app's cancel button); nothing of the
+    run is kept."""
+
+
 def check_int(value: Any, name: str, low: int) -> int:
     """``value`` as an int when it is an integer >= ``low``; an :class:`InputError` naming
     ``name`` otherwise. numpy integers count (settings read back from JSON or the CLI); bools do

@@ -1,14 +1,23 @@
 """``diffgeo ui``: the web app (Gradio). Click a pixel for its generation curve, paint a region and
-edit it by curve matching, discover its h-space directions and slide along one, or paste
-exemplars with painted edit maps (PIXELS).
+edit it by curve matching (live loss, cancel), discover its h-space directions and slide along
+each, or paste exemplars with painted (soft) edit maps (PIXELS); the saliency map can become the
+region or an edit map.
 
 Every button runs a verb of the registry through :class:`~diffgeo.ui.session.Session`, so a
 result is the folder the CLI writes (downloadable as a zip) together with the ``diffgeo``
 command that repeats it; a user error is the CLI's one-line message, shown in the page.
+
+The image is shown enlarged by a whole factor (:attr:`Picture.factor`) rather than stretched by
+CSS: Gradio maps a click to the *shown* image's pixels, so only then does a click land on one
+image pixel; the painted layers come back at the shown size and are resampled to the image.
 """
 
+# No ``from __future__ import annotations``: Gradio reads the handlers' annotations
+# (``gr.SelectData``, ``gr.Progress``) as objects.
 import functools
+import inspect
 import ipaddress
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from diffgeo.errors import DiffgeoError, InputError
-from diffgeo.ui.session import Session
+from diffgeo.ui.session import NO_IMAGE, Iteration, Picture, Run, Session
 
 #: What the curve-matching panel offers, by label: (verb, extra options).
 EDITS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -27,12 +36,13 @@ EDITS: dict[str, tuple[str, dict[str, Any]]] = {
     "blend the pasted region": ("blend", {}),
 }
 FITS = ("crop", "pad", "resize")
-#: Model-sized images (32x32) are drawn enlarged with sharp pixels, so a click lands on one.
-CSS = """
-#image img, #curve-plot img, #edit-result img, #rbe-result img, #pixels-result img,
-#saliency-map img { object-fit: contain !important; width: 100% !important;
-  height: 100% !important; image-rendering: pixelated; }
-"""
+THRESHOLDS = ("linear", "quadratic", "cubic", "log1p", "sigmoid", "sigmoid-normalized")
+MAX_DIRECTIONS = 8
+EXEMPLAR_SLOTS = 3
+BRUSH = "#ff3030"
+#: Result images keep sharp pixels when the browser scales them (the clickable one is never
+#: scaled up: it is sent enlarged).
+CSS = ".pixelated img { image-rendering: pixelated; }"
 
 
 def _gradio():
@@ -46,6 +56,16 @@ def _gradio():
 def _shown_errors(fn: Callable) -> Callable:
     """A user mistake becomes the CLI's one-line message in the page, not a traceback."""
     gr = _gradio()
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streaming(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except DiffgeoError as e:
+                raise gr.Error(str(e)) from None
+
+        return streaming
 
     @functools.wraps(fn)
     def handler(*args: Any, **kwargs: Any) -> Any:
@@ -71,48 +91,77 @@ def _scenes(session: Session) -> dict[str, np.ndarray]:
             (s.composite * 255).round().astype(np.uint8) for i, s in enumerate(scenes[:12])}
 
 
-def _pixel(evt: Any) -> tuple[int, int]:
-    x, y = evt.index  # Gradio gives (x, y) in the image's own pixels
-    return int(y), int(x)
+def _needs(picture: Picture | None) -> Picture:
+    if picture is None:
+        raise InputError(NO_IMAGE)
+    return picture
+
+
+def painted_layer(mask: np.ndarray, factor: int) -> np.ndarray:
+    """A mask of the image (H, W) in [0, 1] as an editor layer at the shown size: brush colour,
+    opacity = the mask (what :meth:`Session.save_mask` reads back)."""
+    alpha = np.clip(mask, 0, 1).repeat(factor, axis=0).repeat(factor, axis=1)
+    layer = np.zeros((*alpha.shape, 4), np.uint8)
+    layer[..., :3] = [int(BRUSH[i:i + 2], 16) for i in (1, 3, 5)]
+    layer[..., 3] = (alpha * 255).round().astype(np.uint8)
+    return layer
+
+
+def saliency_on_input(run: Run) -> np.ndarray:
+    """The saliency map of a ``saliency-map`` run on the input image's pixels, scaled to [0, 1]
+    (its maximum is 1): the map the curves panel hands to the region and the edit maps."""
+    from diffgeo.io.images import Fit
+    from diffgeo.maps import upsample_to_image
+
+    sal = run.result.saliency
+    fit = Fit.from_dict(run.result.settings["fit"])
+    on_model = upsample_to_image(sal, fit.out_size).numpy()
+    back = fit.pull_back(on_model, fill=0.0)
+    top = float(back.max())
+    return back / top if top > 0 else back
 
 
 def build_app(session: Session):
     """The Gradio Blocks of the app on ``session`` (not launched)."""
     gr = _gradio()
+    import pandas as pd
+
     scenes = _scenes(session)
-    editor = functools.partial(gr.ImageEditor, type="numpy", height=320, transforms=(),
-                               brush=gr.Brush(colors=["#ff3030"], color_mode="fixed",
-                                              default_size=3),
-                               layers=False, sources=())
+    editor = functools.partial(gr.ImageEditor, type="numpy", height=340, transforms=(),
+                               brush=gr.Brush(colors=[BRUSH], color_mode="fixed",
+                                              default_size=12),
+                               layers=False, sources=(), format="png")
+    result_image = functools.partial(gr.Image, format="png", interactive=False,
+                                     elem_classes=["pixelated"])
+    heavy = {"concurrency_id": "model", "concurrency_limit": 1}  # one model job at a time
 
-    def size_of(path: str) -> tuple[int, int]:
-        from diffgeo.io.images import header_size
+    def canvas(picture: Picture, mask: np.ndarray | None = None) -> dict[str, Any]:
+        shown = session.shown(picture)
+        layers = [] if mask is None else [painted_layer(mask, picture.factor)]
+        return {"background": shown, "layers": layers, "composite": shown}
 
-        hw = header_size(path)
-        if hw is None:
-            raise InputError("no image: upload one or pick a bundled scene")
-        return hw
-
-    def needs(path: str | None) -> str:
-        if not path:
-            raise InputError("no image: upload one or pick a bundled scene")
-        return path
-
-    # ------------------------------------------------------------------ handlers
-    @_shown_errors
-    def take_image(image: np.ndarray | None):
-        path = str(session.save_image(image))
-        background = {"background": image, "layers": [], "composite": image}
-        return path, [], "", background, background
-
-    def pick_scene(name: str):
-        return scenes[name] if name in scenes else None
+    # ------------------------------------------------------------------ image in
+    def show(picture: Picture):
+        background = canvas(picture)
+        return (picture, session.shown(picture), [], "", None, background,
+                *[background] * EXEMPLAR_SLOTS)
 
     @_shown_errors
-    def click_curve(path: str, pixels: list, definition: str, fit: str,
-                    evt: gr.SelectData, progress=gr.Progress(track_tqdm=True)):
-        pixels = [*pixels, list(_pixel(evt))][-6:]
-        run = session.run("curves", image=needs(path), pixel=[tuple(p) for p in pixels],
+    def on_upload(file: str | None):
+        return show(session.adopt_file(file))
+
+    @_shown_errors
+    def on_scene(name: str | None):
+        if not name or name not in scenes:
+            raise InputError(f"no bundled scene named {name!r}")
+        return show(session.save_image(scenes[name], "scene"))
+
+    # ------------------------------------------------------------------ curves
+    def curves(picture: Picture | None, pixels: list, pixel: tuple[int, int], definition: str,
+               fit: str):
+        picture = _needs(picture)
+        pixels = [*pixels, list(pixel)][-6:]
+        run = session.run("curves", image=picture.path, pixel=[tuple(p) for p in pixels],
                           definition=definition, fit=fit)
         flucts = run.result.settings["fluctuation"]
         text = "\n".join(f"{d} {label}: fluctuation {v:.4g}" for d, per in flucts.items()
@@ -121,70 +170,151 @@ def build_app(session: Session):
         return pixels, clicked, run.file("curves.png"), text, run.command, str(run.archive)
 
     @_shown_errors
-    def region_curve(path: str, painted: Any, definition: str, fit: str,
+    def click_curve(picture: Picture | None, pixels: list, definition: str, fit: str,
+                    evt: gr.SelectData, progress=gr.Progress(track_tqdm=True)):
+        x, y = evt.index  # Gradio gives (x, y) on the shown copy
+        return curves(picture, pixels, _needs(picture).pixel(x, y), definition, fit)
+
+    @_shown_errors
+    def typed_curve(picture: Picture | None, pixels: list, typed: str, definition: str,
+                    fit: str, progress=gr.Progress(track_tqdm=True)):
+        from diffgeo.io.regions import parse_point
+
+        return curves(picture, pixels, parse_point(typed, "pixel"), definition, fit)
+
+    @_shown_errors
+    def region_curve(picture: Picture | None, painted: Any, definition: str, fit: str,
                      progress=gr.Progress(track_tqdm=True)):
-        mask = session.save_mask(painted, size_of(needs(path)))
-        run = session.run("curves", image=path, mask=mask, definition=definition, fit=fit)
+        picture = _needs(picture)
+        mask = session.save_mask(painted, picture.size)
+        run = session.run("curves", image=picture.path, mask=mask, definition=definition,
+                          fit=fit)
         flucts = run.result.settings["fluctuation"]
         text = "\n".join(f"{d} region: fluctuation {v:.4g}" for d, per in flucts.items()
                          for v in per.values())
         return run.file("curves.png"), text, run.command, str(run.archive)
 
     @_shown_errors
-    def saliency(path: str, fit: str, progress=gr.Progress(track_tqdm=True)):
-        run = session.run("saliency-map", image=needs(path), fit=fit)
-        return run.file("saliency.png"), run.command, str(run.archive)
+    def saliency(picture: Picture | None, fit: str, progress=gr.Progress(track_tqdm=True)):
+        run = session.run("saliency-map", image=_needs(picture).path, fit=fit)
+        return (run.file("saliency.png"), saliency_on_input(run), run.command,
+                str(run.archive))
 
     @_shown_errors
-    def edit(path: str, painted: Any, what: str, iterations: float, mode: str, pixels: list,
-             fit: str, progress=gr.Progress(track_tqdm=True)):
+    def saliency_as_region(picture: Picture | None, sal: np.ndarray | None, top: float):
+        picture = _needs(picture)
+        if sal is None:
+            raise InputError("compute the saliency map first")
+        cut = np.quantile(sal, 1 - top / 100)
+        return canvas(picture, (sal >= cut).astype(np.float32))
+
+    @_shown_errors
+    def saliency_as_map(picture: Picture | None, sal: np.ndarray | None):
+        picture = _needs(picture)
+        if sal is None:
+            raise InputError("compute the saliency map first")
+        return canvas(picture, sal)
+
+    # ------------------------------------------------------------------ curve matching
+    @_shown_errors
+    def edit(picture: Picture | None, painted: Any, what: str, iterations: float, mode: str,
+             pixels: list, fit: str, progress=gr.Progress()):
+        picture = _needs(picture)
         verb, extra = EDITS[what]
-        options: dict[str, Any] = {"image": needs(path), "iterations": int(iterations),
-                                   "mode": mode, "fit": fit, **extra,
-                                   "mask": session.save_mask(painted, size_of(path))}
+        budget = int(iterations)
+        options: dict[str, Any] = {"image": picture.path, "iterations": budget, "mode": mode,
+                                   "fit": fit, **extra,
+                                   "mask": session.save_mask(painted, picture.size),
+                                   "snapshot_every": max(1, budget // 6)}
         if verb == "transfer":
             if not pixels:
                 raise InputError("transfer needs a reference: click a pixel on the image")
             options["reference"] = tuple(pixels[-1])
-        run = session.run(verb, **options)
-        s = run.result.settings
-        text = f"final loss {s['final_loss']:.4g} (mean of the last 10: " \
-               f"{s['mean_loss_last_10']:.4g})"
-        return (run.file("result.png"), run.file("strip.png"), run.file("curves.png"), text,
-                run.command, str(run.archive))
+        from diffgeo.io import to_uint8
 
+        losses: list[tuple[int, float]] = []
+        strip: list[np.ndarray] = []
+        shown_at = 0.0
+        skip = gr.skip()
+        for event in session.stream(verb, **options):
+            if isinstance(event, Iteration):
+                losses.append((event.iteration + 1, event.loss))
+                if event.snapshot is not None:
+                    strip.append(to_uint8(event.snapshot))
+                progress((event.iteration + 1, budget), desc="curve matching", unit="iterations")
+                if time.monotonic() - shown_at > 0.3 or event.iteration + 1 == budget:
+                    shown_at = time.monotonic()
+                    yield (pd.DataFrame(losses, columns=["iteration", "loss"]), list(strip),
+                           skip, skip, f"iteration {event.iteration + 1}/{budget}: loss "
+                           f"{event.loss:.4g}", skip, skip)
+                continue
+            s = event.result.settings
+            text = (f"final loss {s['final_loss']:.4g} (mean of the last 10: "
+                    f"{s['mean_loss_last_10']:.4g})")
+            yield (pd.DataFrame(losses, columns=["iteration", "loss"]), list(strip),
+                   event.file("result.png"), event.file("curves.png"), text, event.command,
+                   str(event.archive))
+
+    # ------------------------------------------------------------------ RBE
     @_shown_errors
-    def discover(path: str, painted: Any, k: float, fit: str,
+    def discover(picture: Picture | None, painted: Any, k: float, fit: str,
                  progress=gr.Progress(track_tqdm=True)):
-        run = session.run("directions", image=needs(path), k=int(k), fit=fit,
-                          mask=session.save_mask(painted, size_of(path)))
+        picture = _needs(picture)
+        run = session.run("directions", image=picture.path, k=int(k), fit=fit,
+                          mask=session.save_mask(painted, picture.size))
         previews = [run.file(f"direction-{i}.png") for i in range(int(k))]
         sv = ", ".join(f"{v:.3g}" for v in run.result.settings["singular_values"])
-        choices = [str(i) for i in range(int(k))]
-        return (str(run.folder), previews, f"singular values: {sv}",
-                gr.update(choices=choices, value="0"), run.command, str(run.archive))
+        sliders = [gr.update(visible=i < int(k), value=0) for i in range(MAX_DIRECTIONS)]
+        return (str(run.folder), previews, f"singular values: {sv}", *sliders, run.command,
+                str(run.archive), str(run.archive))
 
-    @_shown_errors
-    def slide(path: str, folder: str, index: str, strength: float, fit: str,
-              progress=gr.Progress(track_tqdm=True)):
-        if not folder:
-            raise InputError("discover directions first")
-        run = session.run("apply", image=needs(path), directions=folder, index=int(index),
-                          strength=(float(strength),), fit=fit)
-        loc = run.result.settings["locality"][0]
-        text = (f"α={loc['strength']:+g}: change inside {loc['mse_inside']:.3g}, outside "
-                f"{loc['mse_outside']:.3g} (MSE)")
-        return run.file("edit-0.png"), text, run.command, str(run.archive)
+    def slide(index: int) -> Callable:
+        @_shown_errors
+        def along(picture: Picture | None, folder: str, strength: float, fit: str,
+                  progress=gr.Progress(track_tqdm=True)):
+            if not folder:
+                raise InputError("discover directions first")
+            run = session.run("apply", image=_needs(picture).path, directions=folder,
+                              index=index, strength=(float(strength),), fit=fit)
+            loc = run.result.settings["locality"][0]
+            text = (f"direction {index}, α={loc['strength']:+g}: change inside "
+                    f"{loc['mse_inside']:.3g}, outside {loc['mse_outside']:.3g} (MSE)")
+            return run.file("edit-0.png"), text, run.command, str(run.archive)
 
+        along.__name__ = f"apply_{index}"
+        return along
+
+    # ------------------------------------------------------------------ PIXELS
     @_shown_errors
-    def exemplar(path: str, exemplar_image: np.ndarray | None, painted: Any, strength: float,
-                 threshold: str, prompt: str, fit: str, progress=gr.Progress(track_tqdm=True)):
-        source = needs(path)
-        ex = session.save_image(exemplar_image, "exemplar")
-        edit_map = session.save_mask(painted, size_of(source), "map")
-        run = session.run("exemplar", source=source, exemplar=(ex,), map=(edit_map,),
-                          strength=float(strength), threshold=threshold, prompt=prompt,
-                          fit=fit)
+    def exemplar(picture: Picture | None, strength: float, threshold: str, prompt: str,
+                 fit: str, *slots: Any, progress=gr.Progress(track_tqdm=True)):
+        picture = _needs(picture)
+        # the inputs come field by field (every slot's image, then every slot's map, ...)
+        per_slot = [slots[i::EXEMPLAR_SLOTS] for i in range(EXEMPLAR_SLOTS)]
+        chosen = [slot for slot in per_slot if slot[0]]
+        if not chosen:
+            raise InputError("add an exemplar image (Exemplar 1)")
+        placed = [bool(slot[3]) for slot in chosen]
+        if any(placed) and not all(placed):
+            raise InputError("place every exemplar or none (like --place, given once per "
+                             "--exemplar or not at all)")
+        exemplars, maps, places = [], [], []
+        for n, (file, painted, feather, use_place, row, col, scale) in enumerate(chosen, 1):
+            exemplars.append(session.adopt_file(file, f"exemplar-{n}").path)
+            maps.append(session.save_mask(painted, picture.size, f"map-{n}", soft=True,
+                                          feather=float(feather)))
+            if use_place:
+                places.append((int(row), int(col), float(scale)))
+        options: dict[str, Any] = {"source": picture.path, "exemplar": tuple(exemplars),
+                                   "map": tuple(maps), "strength": float(strength),
+                                   "threshold": threshold, "fit": fit,
+                                   # painted = where the exemplar goes (--invert-maps)
+                                   "invert_maps": True}
+        if places:
+            options["place"] = tuple(places)
+        if session.backbone.conditional:
+            options["prompt"] = prompt
+        run = session.run("exemplar", **options)
         return (run.file("result.png"), run.file("composite.png"), run.file("masks.png"),
                 run.command, str(run.archive))
 
@@ -194,96 +324,146 @@ def build_app(session: Session):
         gr.Markdown(f"## diffgeo · model `{session.backbone.name or session.model}` "
                     f"({session.backbone.image_size[0]}×{session.backbone.image_size[1]}, "
                     f"{session.steps} DDIM steps)")
-        path = gr.State("")
+        picture = gr.State(None)
         pixels = gr.State([])
+        sal_state = gr.State(None)
         directions_folder = gr.State("")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="numpy", label="image (click a pixel)", height=320,
-                                 elem_id="image", sources=("upload",))
-                scene = gr.Dropdown(list(scenes), label="or a bundled scene", elem_id="scene")
+                view = gr.Image(label="image: click a pixel for its generation curve",
+                                interactive=False, format="png", elem_id="image", height=380,
+                                buttons=[], show_label=True)
+                with gr.Row():
+                    upload = gr.UploadButton("upload an image", file_types=["image"],
+                                             type="filepath", elem_id="upload")
+                    scene = gr.Dropdown(list(scenes), value=None, label="or a bundled scene",
+                                        elem_id="scene")
                 fit = gr.Radio(list(FITS), value="crop", label="fit to the model (--fit)")
-                clicked = gr.Textbox(label="clicked pixels (row, col)", elem_id="clicked")
+                typed = gr.Textbox(label="or type a pixel: row, col (Enter)", elem_id="pixel")
+                clicked = gr.Textbox(label="clicked pixels (row, col)", elem_id="clicked",
+                                     interactive=False)
             with gr.Column(scale=2), gr.Tabs():
                 with gr.Tab("Curves", id="curves"):
                     definition = gr.Dropdown(["h", "h-proj", "eps", "exact", "all"], value="h",
                                              label="definition")
-                    curve_plot = gr.Image(label="generation curves", elem_id="curve-plot")
+                    curve_plot = result_image(label="generation curves", elem_id="curve-plot")
                     curve_text = gr.Textbox(label="fluctuation", lines=3)
-                    region = editor(label="region (paint it)", elem_id="region")
+                    region = editor(label="region (paint it; used by Edit and RBE too)",
+                                    elem_id="region")
                     with gr.Row():
                         region_btn = gr.Button("curve of the painted region",
                                                elem_id="region-curve")
                         saliency_btn = gr.Button("whole-image saliency map", elem_id="saliency")
-                    saliency_img = gr.Image(label="saliency map", elem_id="saliency-map")
+                    saliency_img = result_image(label="saliency map", elem_id="saliency-map")
+                    with gr.Row():
+                        top = gr.Slider(1, 100, value=20, step=1,
+                                        label="region = the most salient % of the image")
+                        to_region = gr.Button("saliency → region", elem_id="to-region")
+                        to_map = gr.Button("saliency → edit map of exemplar 1",
+                                           elem_id="to-map")
                 with gr.Tab("Edit (curve matching)", id="edit"):
                     what = gr.Radio(list(EDITS), value="remove the object", label="edit")
                     with gr.Row():
-                        iterations = gr.Slider(1, 300, value=20, step=1, label="iterations")
+                        iterations = gr.Slider(1, 300, value=20, step=1, label="iterations",
+                                               elem_id="iterations")
                         mode = gr.Radio(["fast", "faithful"], value="fast", label="mode")
-                    edit_btn = gr.Button("run the edit (uses the region painted under Curves)",
-                                         elem_id="edit-run", variant="primary")
                     with gr.Row():
-                        edit_result = gr.Image(label="result", elem_id="edit-result")
-                        edit_curves = gr.Image(label="curves before / after")
-                    edit_strip = gr.Image(label="intermediate results")
-                    edit_text = gr.Textbox(label="loss")
+                        edit_btn = gr.Button("run the edit on the painted region",
+                                             elem_id="edit-run", variant="primary")
+                        cancel_btn = gr.Button("cancel", elem_id="edit-cancel", variant="stop")
+                    loss_plot = gr.LinePlot(x="iteration", y="loss", label="loss",
+                                            elem_id="loss-plot", height=220)
+                    edit_strip = gr.Gallery(label="intermediate results", columns=7,
+                                            height=140, elem_id="edit-strip", format="png")
+                    edit_text = gr.Textbox(label="progress", elem_id="edit-text")
+                    with gr.Row():
+                        edit_result = result_image(label="result", elem_id="edit-result")
+                        edit_curves = result_image(label="curves before / after")
                 with gr.Tab("Region directions (RBE)", id="rbe"):
-                    k = gr.Slider(1, 8, value=3, step=1, label="directions k")
+                    k = gr.Slider(1, MAX_DIRECTIONS, value=3, step=1, label="directions k")
                     discover_btn = gr.Button("discover directions of the painted region",
                                              elem_id="discover", variant="primary")
-                    previews = gr.Gallery(label="previews (−30, 0, +30)", columns=1)
+                    previews = gr.Gallery(label="previews (−30, 0, +30)", columns=1,
+                                          format="png")
                     sv_text = gr.Textbox(label="singular values")
-                    with gr.Row():
-                        index = gr.Dropdown(["0"], value="0", label="direction")
-                        strength = gr.Slider(-60, 60, value=0, step=1, label="strength α",
-                                             elem_id="strength")
-                    rbe_result = gr.Image(label="edited", elem_id="rbe-result")
+                    sliders = [gr.Slider(-60, 60, value=0, step=1, label=f"direction {i}: α",
+                                         visible=i < 3, elem_id=f"strength-{i}")
+                               for i in range(MAX_DIRECTIONS)]
+                    rbe_result = result_image(label="edited", elem_id="rbe-result")
                     rbe_text = gr.Textbox(label="inside / outside change")
+                    directions_zip = gr.File(label="the directions (zip: apply --directions)",
+                                             elem_id="directions-zip")
                 with gr.Tab("Exemplar (PIXELS)", id="pixels"):
-                    exemplar_img = gr.Image(type="numpy", label="exemplar", height=200,
-                                            elem_id="exemplar", sources=("upload",))
-                    edit_map = editor(label="edit map on the source (paint where)",
-                                      elem_id="edit-map")
+                    slot_inputs: list[list[Any]] = [[] for _ in range(7)]
+                    maps = []
+                    with gr.Tabs():
+                        for n in range(1, EXEMPLAR_SLOTS + 1):
+                            with gr.Tab(f"exemplar {n}"):
+                                ex = gr.Image(type="filepath", label=f"exemplar {n}",
+                                              height=180, sources=("upload",), format="png",
+                                              elem_id=f"exemplar-{n}")
+                                m = editor(label="its edit map: paint where it goes",
+                                           elem_id=f"edit-map-{n}")
+                                feather = gr.Slider(0, 16, value=0, step=0.5,
+                                                    label="feather (px)")
+                                with gr.Row():
+                                    use_place = gr.Checkbox(False, label="place it (--place)")
+                                    row = gr.Number(0, precision=0, label="row")
+                                    col = gr.Number(0, precision=0, label="col")
+                                    scale = gr.Number(1.0, label="scale", minimum=0.01)
+                                maps.append(m)
+                                for group, comp in zip(slot_inputs, (ex, m, feather, use_place,
+                                                                     row, col, scale),
+                                                       strict=True):
+                                    group.append(comp)
                     with gr.Row():
                         px_strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05,
                                                 label="strength")
-                        threshold = gr.Dropdown(["linear", "quadratic", "cubic", "log1p",
-                                                 "sigmoid"], value="linear", label="threshold")
+                        threshold = gr.Dropdown(list(THRESHOLDS), value="linear",
+                                                label="threshold")
                     prompt = gr.Textbox(label="prompt (conditional models)",
                                         visible=bool(session.backbone.conditional))
                     px_btn = gr.Button("edit", elem_id="pixels-run", variant="primary")
                     with gr.Row():
-                        px_result = gr.Image(label="result", elem_id="pixels-result")
-                        px_composite = gr.Image(label="copy-paste composite")
-                    px_masks = gr.Image(label="per-step masks")
+                        px_result = result_image(label="result", elem_id="pixels-result")
+                        px_composite = result_image(label="copy-paste composite")
+                    px_masks = result_image(label="per-step masks")
         with gr.Row():
             command = gr.Textbox(label="the same run on the command line", elem_id="command",
                                  buttons=["copy"])
             archive = gr.File(label="result folder (zip)", elem_id="archive")
 
-        image.upload(take_image, [image], [path, pixels, clicked, region, edit_map],
-                     api_name="image")
-        scene.change(pick_scene, [scene], [image], api_name="scene").then(
-            take_image, [image], [path, pixels, clicked, region, edit_map], api_name=False)
-        image.select(click_curve, [path, pixels, definition, fit],
-                     [pixels, clicked, curve_plot, curve_text, command, archive],
-                     api_name="curve")
-        region_btn.click(region_curve, [path, region, definition, fit],
-                         [curve_plot, curve_text, command, archive], api_name="region_curve")
-        saliency_btn.click(saliency, [path, fit], [saliency_img, command, archive],
-                           api_name="saliency")
-        edit_btn.click(edit, [path, region, what, iterations, mode, pixels, fit],
-                       [edit_result, edit_strip, edit_curves, edit_text, command, archive],
-                       api_name="edit")
-        discover_btn.click(discover, [path, region, k, fit],
-                           [directions_folder, previews, sv_text, index, command, archive],
-                           api_name="directions")
-        strength.release(slide, [path, directions_folder, index, strength, fit],
-                         [rbe_result, rbe_text, command, archive], api_name="apply")
-        px_btn.click(exemplar, [path, exemplar_img, edit_map, px_strength, threshold, prompt,
-                                fit], [px_result, px_composite, px_masks, command, archive],
-                     api_name="exemplar")
+        shown = [picture, view, pixels, clicked, sal_state, region, *maps]
+        upload.upload(on_upload, [upload], shown, api_name="image")
+        scene.change(on_scene, [scene], shown, api_name="scene")
+        curve_out = [pixels, clicked, curve_plot, curve_text, command, archive]
+        view.select(click_curve, [picture, pixels, definition, fit], curve_out,
+                    api_visibility="undocumented", **heavy)
+        typed.submit(typed_curve, [picture, pixels, typed, definition, fit], curve_out,
+                     api_name="curve", **heavy)
+        region_btn.click(region_curve, [picture, region, definition, fit],
+                         [curve_plot, curve_text, command, archive], api_name="region_curve",
+                         **heavy)
+        saliency_btn.click(saliency, [picture, fit], [saliency_img, sal_state, command, archive],
+                           api_name="saliency", **heavy)
+        to_region.click(saliency_as_region, [picture, sal_state, top], [region],
+                        api_name="saliency_region")
+        to_map.click(saliency_as_map, [picture, sal_state], [maps[0]], api_name="saliency_map")
+        editing = edit_btn.click(edit, [picture, region, what, iterations, mode, pixels, fit],
+                                 [loss_plot, edit_strip, edit_result, edit_curves, edit_text,
+                                  command, archive], api_name="edit", **heavy)
+        cancel_btn.click(session.cancel, None, None, cancels=[editing], api_name="cancel")
+        discover_btn.click(discover, [picture, region, k, fit],
+                           [directions_folder, previews, sv_text, *sliders, command, archive,
+                            directions_zip], api_name="directions", **heavy)
+        for i, slider in enumerate(sliders):
+            slider.release(slide(i), [picture, directions_folder, slider, fit],
+                           [rbe_result, rbe_text, command, archive], api_name=f"apply_{i}",
+                           **heavy)
+        px_btn.click(exemplar, [picture, px_strength, threshold, prompt, fit,
+                                *[c for group in slot_inputs for c in group]],
+                     [px_result, px_composite, px_masks, command, archive],
+                     api_name="exemplar", **heavy)
     return app
 
 
