@@ -173,7 +173,7 @@ class Session:
             if not soft:
                 alpha = (alpha > 0).astype(np.float32)
             if alpha.shape != size:  # the editor works at the shown size
-                resample = Image.BILINEAR if soft else Image.NEAREST
+                resample = Image.BOX if soft else Image.NEAREST  # BOX: the mean of a block
                 alpha = np.asarray(Image.fromarray(alpha).resize(
                     (size[1], size[0]), resample))
             mask = np.maximum(mask, alpha)
