@@ -327,7 +327,10 @@ def _schedule(sched_file: Path) -> tuple[str, torch.Tensor, GridRule]:
     """prediction type, float64 alpha_bar and grid rule of a scheduler config."""
     if not sched_file.is_file():
         raise ModelNotFoundError(f"scheduler config not found: {sched_file}")
-    cfg = read_json_file(sched_file, "scheduler config")
+    return _schedule_config(read_json_file(sched_file, "scheduler config"), str(sched_file))
+
+
+def _schedule_config(cfg: dict[str, Any], sched_file: str) -> tuple[str, torch.Tensor, GridRule]:
     for name, (types, kind) in _SCHEDULE_FIELDS.items():
         if name not in cfg or (cfg[name] is None and name in _NULLABLE):
             continue
@@ -359,8 +362,10 @@ def _schedule(sched_file: Path) -> tuple[str, torch.Tensor, GridRule]:
 # ------------------------------------------------------------------------------ loading
 def _hub_download(repo_id: str, allow_pickle: bool, variant: str | None) -> Path:
     weights = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    # sharded files (SD3/FLUX transformers, T5) are name-NNNNN-of-NNNNN.safetensors
     patterns = list(_HUB_PATTERNS) + [f"*/{weights}.safetensors", f"{weights}.safetensors",
-                                      "*/model.safetensors"]
+                                      "*/model.safetensors", f"*/{weights}-*.safetensors",
+                                      "*/model-*.safetensors"]
     if allow_pickle:
         patterns += [f"*/{weights}.bin", f"{weights}.bin", "*/pytorch_model.bin"]
     return snapshot(repo_id, patterns)
@@ -385,13 +390,23 @@ def _resolve(name_or_path: str | os.PathLike, allow_pickle: bool, variant: str |
     return _hub_download(name, allow_pickle, variant)
 
 
-def load_backbone(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str = "cpu",
-                  dtype: torch.dtype | str = torch.float32, *, allow_pickle: bool = False,
+def load_backbone(name_or_path: Any = DEFAULT_MODEL, device: str | None = None,
+                  dtype: torch.dtype | str | None = None, *, allow_pickle: bool = False,
                   variant: str | None = None, resolution: int | None = None) -> Backbone:
-    """Load a pixel DDPM, a Stable Diffusion (1.x/2.x/XL) checkpoint or the default model.
+    """Load a pixel DDPM, a Stable Diffusion (1.x/2.x/XL), SD3/SD3.5 or FLUX.1 checkpoint
+    (folder or hub id) or the default model — or wrap an already-loaded diffusers pipeline of
+    any of these families, using its modules as they are (``device`` / ``dtype`` default to
+    the pipeline's; folders and hub ids default to cpu / float32).
 
     A pixel network that outputs twice its input's channels predicts ε and a learned variance
     (improved DDPM); its first half is used as ε (DDIM never uses the variance)."""
+    from diffusers import DiffusionPipeline
+
+    if isinstance(name_or_path, DiffusionPipeline):
+        return backbone_from_pipeline(name_or_path, device=device, dtype=dtype,
+                                      resolution=resolution)
+    device = "cpu" if device is None else device
+    dtype = torch.float32 if dtype is None else dtype
     bb, rule = _load_with_schedule(name_or_path, device, dtype, allow_pickle, variant,
                                    resolution)
     bb.grid_rule = rule
@@ -439,7 +454,7 @@ def _tokenizer(cls: Any, folder: Path, index_file: Path, key: str) -> Any:
 
 def _load_with_schedule(name_or_path: str | os.PathLike, device: str, dtype: torch.dtype | str,
                         allow_pickle: bool, variant: str | None,
-                        resolution: int | None) -> tuple[Backbone, GridRule]:
+                        resolution: int | None) -> tuple[Backbone, Any]:
     dtype = resolve_dtype(dtype)
     check_device(device)
     path = _resolve(name_or_path, allow_pickle, variant)
@@ -451,6 +466,10 @@ def _load_with_schedule(name_or_path: str | os.PathLike, device: str, dtype: tor
     index_file = path / "model_index.json"
     if index_file.is_file():
         index = read_json_file(index_file, "pipeline index")
+        if index.get("_class_name") in FLOW_PIPELINES:
+            bb = _load_flow(path, index, index_file, name, device, dtype, kw, allow_pickle,
+                            variant, resolution)
+            return bb, bb.grid_rule
         unet_cls = _index_entry(index, "unet", index_file)
         vae_cls = _index_entry(index, "vae", index_file)
         sched_file = path / "scheduler" / "scheduler_config.json"
@@ -492,6 +511,116 @@ def _load_with_schedule(name_or_path: str | os.PathLike, device: str, dtype: tor
         return PixelBackbone(unet, ac, pred, name=name, device=device, dtype=dtype), rule
     raise ModelNotFoundError(f"{path} is not a model folder: it has neither model_index.json "
                              "nor config.json")
+
+
+#: pipeline class -> (transformer class, text encoder slots (encoder, tokenizer, required))
+FLOW_PIPELINES: dict[str, tuple[str, tuple[tuple[str, str, bool], ...]]] = {
+    "StableDiffusion3Pipeline": ("SD3Transformer2DModel", (
+        ("text_encoder", "tokenizer", True), ("text_encoder_2", "tokenizer_2", True),
+        ("text_encoder_3", "tokenizer_3", False))),
+    "FluxPipeline": ("FluxTransformer2DModel", (
+        ("text_encoder", "tokenizer", True), ("text_encoder_2", "tokenizer_2", True))),
+}
+
+
+def _load_flow(path: Path, index: dict, index_file: Path, name: str, device: str,
+               dtype: torch.dtype, kw: dict, allow_pickle: bool, variant: str | None,
+               resolution: int | None) -> Backbone:
+    """An SD3 or FLUX pipeline folder: every part checked as the U-Net folders' are, then
+    assembled into the diffusers pipeline class the index names (so prompt encoding is the
+    pipeline's own) and wrapped."""
+    import diffusers
+    import transformers
+
+    pipe_name = index["_class_name"]
+    tr_name, slots = FLOW_PIPELINES[pipe_name]
+    _expect_class(_index_entry(index, "transformer", index_file), tr_name, "transformer",
+                  index_file)
+    _expect_class(_index_entry(index, "vae", index_file), "AutoencoderKL", "vae", index_file)
+    _expect_class(_index_entry(index, "scheduler", index_file),
+                  "FlowMatchEulerDiscreteScheduler", "scheduler", index_file)
+    sched_file = path / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        raise ModelNotFoundError(f"scheduler config not found: {sched_file}")
+    read_json_file(sched_file, "scheduler config")
+    parts: dict[str, Any] = {
+        "transformer": _diffusers_part(getattr(diffusers, tr_name), path, "transformer", kw,
+                                       allow_pickle, variant, "transformer"),
+        "vae": _diffusers_part(diffusers.AutoencoderKL, path, "vae", kw, allow_pickle, variant,
+                               "vae"),
+        "scheduler": diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
+            path, subfolder="scheduler"),
+    }
+    for enc_key, tok_key, required in slots:
+        enc_name = _index_entry(index, enc_key, index_file)
+        tok_name = _index_entry(index, tok_key, index_file)
+        if enc_name is None or not (path / enc_key).is_dir():
+            if required:
+                raise ModelNotFoundError(f"{index_file}: a {pipe_name} needs its {enc_key} "
+                                         f"({path / enc_key} is missing)")
+            parts[enc_key] = parts[tok_key] = None
+            continue
+        if tok_name is None:
+            raise InputError(f"{index_file} names a {enc_key} but no {tok_key}")
+        classes = []
+        for key, cls_name in ((enc_key, enc_name), (tok_key, tok_name)):
+            cls = getattr(transformers, cls_name, None)
+            if not hasattr(cls, "from_pretrained"):
+                raise InputError(f"{index_file} gives {key} as {cls_name!r}, which is not a "
+                                 f"class of transformers {transformers.__version__}")
+            classes.append(cls)
+        parts[enc_key] = _transformers_part(classes[0], path / enc_key, dtype, allow_pickle,
+                                            enc_key)
+        parts[tok_key] = _tokenizer(classes[1], path / tok_key, index_file, tok_key)
+    pipe_cls = getattr(diffusers, pipe_name)
+    optional = {k: None for k in getattr(pipe_cls, "_optional_components", []) if k not in parts}
+    return backbone_from_pipeline(pipe_cls(**parts, **optional), device=device, dtype=dtype,
+                                  resolution=resolution, name=name)
+
+
+def backbone_from_pipeline(pipe: Any, *, device: str | None = None,
+                           dtype: torch.dtype | str | None = None,
+                           resolution: int | None = None, name: str = "") -> Backbone:
+    """A backbone over an already-loaded diffusers pipeline's own modules (SD3, FLUX, SD/SDXL,
+    pixel DDPM). ``device`` / ``dtype`` default to the pipeline's; modules are moved and cast
+    in place when they differ (a pipeline object is the caller's: say so in the docs)."""
+    cls = type(pipe).__name__
+    first = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    if first is None:
+        raise InputError(f"a {cls} has neither a transformer nor a unet: not a supported "
+                         "diffusion pipeline")
+    p = next(first.parameters())
+    dev = str(p.device) if device is None else device
+    dt = p.dtype if dtype is None else resolve_dtype(dtype)
+    check_device(dev)
+    name = name or getattr(getattr(pipe, "config", None), "_name_or_path", "") or cls
+    if cls == "StableDiffusion3Pipeline" or (cls not in FLOW_PIPELINES and hasattr(
+            pipe, "text_encoder_3")):
+        from diffgeo.backbones.sd3 import SD3Backbone
+
+        return SD3Backbone(pipe, name=name, device=dev, dtype=dt, resolution=resolution)
+    if cls == "FluxPipeline":
+        from diffgeo.backbones.flux import FluxBackbone
+
+        return FluxBackbone(pipe, name=name, device=dev, dtype=dt, resolution=resolution)
+    cfg = dict(pipe.scheduler.config)
+    pred, ac, rule = _schedule_config(cfg, f"{cls}.scheduler")
+    if getattr(pipe, "vae", None) is not None and getattr(pipe, "unet", None) is not None:
+        from diffgeo.backbones.latent import LatentBackbone
+
+        extra = {k: getattr(pipe, k, None) for k in ("text_encoder", "tokenizer",
+                                                     "text_encoder_2", "tokenizer_2")}
+        bb: Backbone = LatentBackbone(pipe.unet, pipe.vae, ac, prediction_type=pred, name=name,
+                                      device=dev, dtype=dt, resolution=resolution, **extra)
+    elif getattr(pipe, "unet", None) is not None:
+        from diffgeo.backbones.pixel import PixelBackbone
+
+        bb = PixelBackbone(pipe.unet, ac, pred, name=name, device=dev, dtype=dt)
+    else:
+        raise InputError(f"a {cls} is not a supported pipeline (SD3, FLUX, Stable Diffusion, "
+                         "SDXL or a pixel DDPM)")
+    bb.grid_rule = rule
+    return bb
 
 
 def _pixel_check(config: Any, cfg_file: Path, cfg: dict) -> None:

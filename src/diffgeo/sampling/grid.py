@@ -10,6 +10,12 @@ Every step goes from one grid point to the next. diffusers' DDIM steps to ``t - 
 which is the next grid point for ``leading`` grids and for ``trailing`` grids whose N divides T
 (every Stable Diffusion and pixel-DDPM configuration); for ``linspace`` and other ``trailing``
 grids diffusers' step and its own grid disagree, and diffgeo follows the grid.
+
+Flow-matching models (SD3, FLUX) get a Grid whose rule is a
+:class:`~diffgeo.sampling.flow.FlowRule`: its levels are the scheduler's model times τ = σ·T
+(floats, see :mod:`diffgeo.sampling.flow`), ``sigma(t)`` gives σ, and ``alpha_bar`` is refused
+(a flow has no ᾱ; a method that needs one must step with ``sigma`` instead of silently using
+DDPM coefficients).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 
 from diffgeo.backbones.base import Backbone
 from diffgeo.errors import InputError
+from diffgeo.sampling.flow import FlowRule, flow_timesteps, sigma_of
 from diffgeo.schedule import SPACINGS, GridRule
 
 DEFAULT_STEPS = 50
@@ -59,6 +66,9 @@ def clean_alpha_bar(rule: GridRule, alphas_cumprod: torch.Tensor) -> float:
 
 def alpha_bar(backbone: Backbone, t: int | None) -> float:
     """alpha_bar at training timestep t under the model's own grid rule; None = clean end."""
+    if isinstance(backbone.grid_rule, FlowRule):
+        raise InputError("alpha_bar is a DDPM quantity: this method does not support "
+                         "flow-matching models yet (their grid levels carry sigma)")
     if t is None:
         return clean_alpha_bar(backbone.grid_rule, backbone.alphas_cumprod)
     return float(backbone.alphas_cumprod[t])
@@ -72,9 +82,9 @@ class Grid:
     :meth:`up_to` or :meth:`lowest` keeps it, as diffusers' img2img keeps its scheduler's).
     """
 
-    timesteps: tuple[int, ...]
+    timesteps: tuple[int, ...] | tuple[float, ...]
     num_steps: int
-    rule: GridRule
+    rule: GridRule | FlowRule
     alphas_cumprod: torch.Tensor = field(repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +100,12 @@ class Grid:
                   set_alpha_to_one: bool | None = None) -> Grid:
         """The model's own grid with ``num_steps`` steps; keywords override its scheduler."""
         base = backbone.grid_rule
+        if isinstance(base, FlowRule):
+            if spacing is not None or steps_offset is not None or set_alpha_to_one is not None:
+                raise InputError("spacing, steps_offset and set_alpha_to_one are DDPM grid "
+                                 "settings; a flow model's grid comes from its sigmas")
+            return cls(tuple(flow_timesteps(base, num_steps)), int(num_steps), base,
+                       backbone.alphas_cumprod)
         rule = GridRule(spacing=base.spacing if spacing is None else spacing,
                         steps_offset=base.steps_offset if steps_offset is None else steps_offset,
                         set_alpha_to_one=(base.set_alpha_to_one if set_alpha_to_one is None
@@ -107,6 +123,10 @@ class Grid:
             if len(grid.alphas_cumprod) != backbone.num_train_timesteps or not torch.equal(
                     grid.alphas_cumprod, backbone.alphas_cumprod):
                 raise InputError("grid was built for another model's noise schedule")
+            if (grid.flow or isinstance(backbone.grid_rule, FlowRule)) \
+                    and grid.rule != backbone.grid_rule:
+                raise InputError("grid was built for another model's flow schedule or image "
+                                 "size")
             return grid
         return cls.for_model(backbone, grid)
 
@@ -114,6 +134,17 @@ class Grid:
     def from_dict(cls, backbone: Backbone, data: dict[str, Any]) -> Grid:
         """The grid :meth:`to_dict` recorded (settings.json), rebuilt for ``backbone``."""
         try:
+            if "flow" in data["rule"]:
+                frule = FlowRule.from_dict(data["rule"])
+                full = cls(tuple(flow_timesteps(frule, int(data["num_steps"]))),
+                           int(data["num_steps"]), frule, backbone.alphas_cumprod)
+                ts = tuple(float(t) for t in data["timesteps"])
+                if frule != backbone.grid_rule:
+                    raise InputError("recorded flow grid was built for another model's "
+                                     "scheduler or image size")
+                if not set(ts) <= set(full.timesteps):
+                    raise InputError("recorded grid timesteps are not on this model's grid")
+                return replace(full, timesteps=ts)
             rule = GridRule(**data["rule"])
             full = cls(tuple(grid_timesteps(backbone.num_train_timesteps, int(data["num_steps"]),
                                             rule)), int(data["num_steps"]), rule,
@@ -144,13 +175,31 @@ class Grid:
         return self.timesteps[0]
 
     @property
+    def flow(self) -> bool:
+        """Whether this is a flow-matching grid (levels carry σ; see the module docstring)."""
+        return isinstance(self.rule, FlowRule)
+
+    @property
     def clean_alpha_bar(self) -> float:
         """alpha_bar of the clean end: 1, or alpha_bar at t = 0 (``set_alpha_to_one=False``)."""
-        return clean_alpha_bar(self.rule, self.alphas_cumprod)
+        self._ddpm_only("clean_alpha_bar")
+        return clean_alpha_bar(self.rule, self.alphas_cumprod)  # type: ignore[arg-type]
 
     def alpha_bar(self, t: int | None) -> float:
         """alpha_bar at grid timestep t (float64 from the schedule); None is the clean end."""
+        self._ddpm_only("alpha_bar")
         return self.clean_alpha_bar if t is None else float(self.alphas_cumprod[t])
+
+    def sigma(self, t: float | None) -> float:
+        """σ of a flow grid level (None = clean, σ = 0)."""
+        if not self.flow:
+            raise InputError("sigma() is defined on flow-matching grids; this grid is DDPM's")
+        return sigma_of(t, self.rule.num_train_timesteps)  # type: ignore[union-attr]
+
+    def _ddpm_only(self, what: str) -> None:
+        if self.flow:
+            raise InputError(f"{what} is a DDPM quantity: this method does not support "
+                             "flow-matching models yet (their grid levels carry sigma)")
 
     def levels(self) -> list[int | None]:
         """The clean level then every timestep: ``[None, t_0, t_1, ...]``."""
@@ -161,7 +210,20 @@ class Grid:
         return self.timesteps.index(t)
 
     def check(self, t: Any, name: str = "t") -> int:
-        """t itself when it is a timestep of this grid; a clear error naming the nearest ones."""
+        """t itself when it is a timestep of this grid; a clear error naming the nearest ones.
+
+        On a flow grid, a number within 1e-9 (relative) of a level names it and the grid's own
+        float is returned (settings and command lines print τ with finite precision).
+        """
+        if self.flow:
+            if isinstance(t, bool) or not isinstance(t, int | float | np.integer | np.floating):
+                raise InputError(f"{name} must be a number (a model time sigma*T), got {t!r}")
+            hit = [g for g in self.timesteps if abs(g - float(t)) <= 1e-9 * max(1.0, abs(g))]
+            if not hit:
+                near = sorted(sorted(self.timesteps, key=lambda g: abs(g - float(t)))[:2])
+                raise InputError(f"{name}={t} is not on the {self.describe()}; nearest grid "
+                                 f"timesteps: {near}")
+            return hit[0]  # type: ignore[return-value]
         if isinstance(t, bool) or not isinstance(t, int | np.integer):
             raise InputError(f"{name} must be an integer timestep, got {t!r}")
         if int(t) not in self.timesteps:
@@ -173,9 +235,13 @@ class Grid:
     def nearest(self, t: int) -> int:
         """The grid timestep nearest to ``t`` (the lower one on a tie): where a method's
         default from a paper (t = 700 on a 0..999 grid) lands on this model's grid."""
-        return min(self.timesteps, key=lambda g: (abs(g - int(t)), g))
+        x = float(t) if self.flow else int(t)
+        return min(self.timesteps, key=lambda g: (abs(g - x), g))
 
     def describe(self) -> str:
+        if self.flow:
+            return (f"{self.num_steps}-step flow-matching grid (sigma "
+                    f"{self.sigma(self.timesteps[0]):.4g}..{self.sigma(self.timesteps[-1]):.4g})")
         step = self.timesteps[1] - self.timesteps[0] if len(self) > 1 else 0
         return (f"{self.num_steps}-step {self.rule.spacing} grid (offset "
                 f"{self.rule.steps_offset}, step {step})")
@@ -193,6 +259,10 @@ class Grid:
         return replace(self, timesteps=self.timesteps[:n])
 
     def to_dict(self) -> dict[str, Any]:
+        if self.flow:
+            return {"timesteps": list(self.timesteps), "num_steps": self.num_steps,
+                    "rule": self.rule.to_dict(),  # type: ignore[union-attr]
+                    "sigmas": [self.sigma(t) for t in self.timesteps]}
         return {"timesteps": list(self.timesteps), "num_steps": self.num_steps,
                 "rule": {"spacing": self.rule.spacing, "steps_offset": self.rule.steps_offset,
                          "set_alpha_to_one": self.rule.set_alpha_to_one},

@@ -17,6 +17,12 @@ Methods customise :func:`sample` with two hooks instead of writing their own loo
   state (PIXELS pins the noised source, RePaint merges the known region and resamples, curve
   matching's blended decode pastes the original path). ``before_step(t, x)`` does the same
   before the ε call.
+
+Flow-matching models (``backbone.prediction_type == "flow"``, grids whose rule is a
+``FlowRule``) run through the same loops: ``eps_fn`` then returns the model's *velocity* (what
+the flow step consumes; guidance combines velocities as it combines ε), a step is
+:func:`~diffgeo.sampling.flow.flow_step` between the levels' sigmas, and exact inversion solves
+the same fixed point with the flow step's coefficients (x_prev = x + (σ_prev − σ)·v(x)).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from tqdm.auto import tqdm
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
 from diffgeo.sampling.ddim import clip_eps, ddim_step, step_coefficients
+from diffgeo.sampling.flow import flow_step
 from diffgeo.sampling.grid import Grid
 
 EpsOut = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -55,15 +62,17 @@ class Guidance:
 
 def eps_model(backbone: Backbone, cond: Conditioning | None,
               guidance: Guidance | None = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """ε(x, t) of the model under ``cond``, guided when ``guidance`` says so."""
+    """ε(x, t) of the model under ``cond``, guided when ``guidance`` says so (the velocity on
+    a flow-matching model: the quantity its step consumes)."""
+    pred = backbone.velocity if backbone.prediction_type == "flow" else backbone.eps  # type: ignore[attr-defined]
     if guidance is None or guidance.scale == 1:
-        return lambda x, t: backbone.eps(x, t, cond)
+        return lambda x, t: pred(x, t, cond)
     if cond is None:
         raise InputError("guidance_scale > 1 needs a conditional model and a prompt (cond)")
 
     def guided(x: torch.Tensor, t: int) -> torch.Tensor:
-        e_u = backbone.eps(x, t, guidance.uncond)
-        e_c = backbone.eps(x, t, cond)
+        e_u = pred(x, t, guidance.uncond)
+        e_c = pred(x, t, cond)
         return e_u + guidance.scale * (e_c - e_u)
 
     return guided
@@ -158,6 +167,9 @@ def sample(backbone: Backbone, x: torch.Tensor, grid: Grid, *,
     """
     check_start(backbone, x, "x")
     _check_eta(eta, generator)
+    if grid.flow and (clip_x0 or callable(eta) or eta != 0):
+        raise InputError("eta and clip_x0 are DDIM options; the flow-matching step is "
+                         "deterministic Euler")
     eps_of = eps_fn or eps_model(backbone, cond, guidance)
     levels = grid.levels() if stop is None else [
         t for t in grid.timesteps if t >= grid.check(stop, "stop")]
@@ -165,9 +177,11 @@ def sample(backbone: Backbone, x: torch.Tensor, grid: Grid, *,
     states = [x]
 
     def one_step(state: torch.Tensor, t_from: int, t_to: int | None) -> torch.Tensor:
-        ab_from, ab_to = grid.alpha_bar(t_from), grid.alpha_bar(t_to)
         out = eps_of(state, t_from)
         eps, eps_x0 = (out[1], out[0]) if isinstance(out, tuple) else (out, None)
+        if grid.flow:
+            return flow_step(state, eps, grid.sigma(t_from), grid.sigma(t_to), v_x0=eps_x0)
+        ab_from, ab_to = grid.alpha_bar(t_from), grid.alpha_bar(t_to)
         if clip_x0:
             eps = clip_eps(state, eps, ab_from)
         step_eta = eta(t_from) if callable(eta) else eta
@@ -199,16 +213,16 @@ def sample(backbone: Backbone, x: torch.Tensor, grid: Grid, *,
 
 
 def _solve_inversion_step(eps_of: Callable[[torch.Tensor, int], torch.Tensor],
-                          x_prev: torch.Tensor, x: torch.Tensor, ab_prev: float, ab: float,
+                          x_prev: torch.Tensor, x: torch.Tensor, a_back: float, b_back: float,
                           t: int, tol: float, max_iter: int) -> tuple[torch.Tensor, float, int]:
-    """Find x with gen_step(x) = x_prev by damped fixed-point iteration.
+    """Find x with gen_step(x) = a_back·x + b_back·ε(x, t) = x_prev by damped fixed-point
+    iteration (DDIM: Eq. 8's A, B of the step back; flow: 1 and σ_prev − σ, ε the velocity).
 
     The plain iteration x <- (x_prev - B·ε(x, t)) / A contracts when |B/A|·‖Dε‖ < 1, which holds
     for trained models and small steps but not always (large steps, untrained networks). The
     relaxation factor is halved whenever the residual grows, and the best iterate is returned, so
     the result is never worse than plain inversion.
     """
-    a_back, b_back = step_coefficients(ab, ab_prev)
     scale = x_prev.flatten(1).norm(dim=1).clamp_min(1e-12)
 
     def residual(z: torch.Tensor, e: torch.Tensor) -> float:
@@ -251,10 +265,16 @@ def ascend(backbone: Backbone, x: torch.Tensor, grid: Grid, *, start: int | None
     iters: list[int] = []
     prev = start
     for t_next in tqdm(above, desc=desc, disable=not progress, leave=False):
-        ab_prev, ab = grid.alpha_bar(prev), grid.alpha_bar(t_next)
-        x_new = ddim_step(x, eps_of(x, t_next), ab_prev, ab)
+        if grid.flow:
+            s_prev, s = grid.sigma(prev), grid.sigma(t_next)
+            x_new = flow_step(x, eps_of(x, t_next), s_prev, s)
+            back = (1.0, s_prev - s)
+        else:
+            ab_prev, ab = grid.alpha_bar(prev), grid.alpha_bar(t_next)
+            x_new = ddim_step(x, eps_of(x, t_next), ab_prev, ab)
+            back = step_coefficients(ab, ab_prev)
         if exact:
-            x_new, res, k = _solve_inversion_step(eps_of, x, x_new, ab_prev, ab, t_next, tol,
+            x_new, res, k = _solve_inversion_step(eps_of, x, x_new, *back, t_next, tol,
                                                   max_iter)
             residuals.append(res)
             iters.append(k)

@@ -1,0 +1,106 @@
+"""Tiny randomly initialised flow-matching pipelines (SD3, FLUX) written as diffusers folders.
+
+Plain functions (no fixtures): test modules wrap them in their own session/module fixtures.
+Every model is built from a config under a fixed seed and saved with ``save_pretrained``, so
+loading goes through the same code path as a downloaded model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from conftest import _write_tokenizer
+
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                      base_shift=0.5, max_shift=1.15, base_image_seq_len=4,
+                      max_image_seq_len=64)
+TEXT_KW = dict(vocab_size=100, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def write_t5_tokenizer(folder: Path):
+    """A character-level T5 tokenizer (Unigram vocabulary), loadable as T5TokenizerFast."""
+    from tokenizers import Tokenizer, models
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [
+        (c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz "]
+    tok = T5TokenizerFast(tokenizer_object=Tokenizer(models.Unigram(vocab, unk_id=2)),
+                          pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_t5(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=40, d_model=d_model, d_kv=8, d_ff=32,
+                                   num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
+def tiny_vae(shift_factor: float, scaling_factor: float, latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                         block_out_channels=(8, 16), latent_channels=latent_channels,
+                         norm_num_groups=4, sample_size=16, shift_factor=shift_factor,
+                         scaling_factor=scaling_factor)
+
+
+def _index(folder: Path, index: dict) -> Path:
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def write_sd3(folder: Path, *, t5: bool = True, num_layers: int = 2,
+              scheduler: dict | None = None) -> Path:
+    """Tiny SD3: 8×8×4 latents (16×16 pixels), patch 2 (a 4×4 token grid), CLIP-L/G, T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4,
+                                   num_layers=num_layers, attention_head_dim=8,
+                                   num_attention_heads=2, joint_attention_dim=32,
+                                   caption_projection_dim=16, pooled_projection_dim=16,
+                                   pos_embed_max_size=8)
+        te1 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, projection_dim=8,
+                                                         **TEXT_KW))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, projection_dim=8,
+                                                         **TEXT_KW))
+        vae = tiny_vae(0.1, 1.5, 4)
+        te3 = tiny_t5(32) if t5 else None
+    tok = _write_tokenizer(folder / "tokenizer")
+    _write_tokenizer(folder / "tokenizer_2")
+    tr.save_pretrained(folder / "transformer")
+    vae.save_pretrained(folder / "vae")
+    te1.save_pretrained(folder / "text_encoder")
+    te2.save_pretrained(folder / "text_encoder_2")
+    FlowMatchEulerDiscreteScheduler(**(scheduler or SD3_SCHEDULER)).save_pretrained(
+        folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": [None, None],
+        "tokenizer": ["transformers", type(tok).__name__],
+        "tokenizer_2": ["transformers", type(tok).__name__],
+        "tokenizer_3": [None, None],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    if te3 is not None:
+        te3.save_pretrained(folder / "text_encoder_3")
+        t3 = write_t5_tokenizer(folder / "tokenizer_3")
+        index["text_encoder_3"] = ["transformers", "T5EncoderModel"]
+        index["tokenizer_3"] = ["transformers", type(t3).__name__]
+    return _index(folder, index)
