@@ -39,7 +39,7 @@ SMOKE_TESTED = {
     "benchmarks/recipes/cat2000_saliency.py", "benchmarks/recipes/celebahq_regions.py",
     "benchmarks/recipes/emu_edit_removal.py", "benchmarks/recipes/heldout_scenes.py",
     "benchmarks/recipes/iharmony4_blending.py", "benchmarks/recipes/imagenet_exemplars.py",
-    "scripts/build_scenes.py", "scripts/evaluate_default_model.py",
+    "scripts/build_scenes.py", "scripts/evaluate_default_model.py", "benchmarks/ui_latency.py",
 }
 DATA_RECIPES = ("cat2000_saliency", "celebahq_regions", "emu_edit_removal",
                 "iharmony4_blending", "imagenet_exemplars")
@@ -380,3 +380,16 @@ def test_curve_matching_gates(tmp_path):
     assert len(res["removal"]["scenes"]) == 1 and len(res["saliency"]["scenes"]) == 1
     for name in ("summary.md", "removal.png", "saliency.png", "modes.png"):
         assert (out / name).stat().st_size > 0, name
+
+
+def test_ui_latency(tiny, tmp_path):
+    pytest.importorskip("gradio")
+    out = tmp_path / "ui_latency.json"
+    run("benchmarks/ui_latency.py", "--model", tiny, "--steps", 10, "--reps", 1, "--json", out,
+        "--md", tmp_path / "ui_latency.md", cwd=tmp_path, timeout=300)
+    rep = read_json(out)
+    assert rep["image_size"] == [16, 16] and rep["steps"] == 10
+    assert set(rep["seconds"]) == {"click-to-curve", "slider-to-image", "discover (once)"}
+    for row in rep["seconds"].values():
+        assert 0 < row["min"] <= row["median"] <= row["max"] and math.isfinite(row["max"])
+    assert "| click-to-curve |" in (tmp_path / "ui_latency.md").read_text()
