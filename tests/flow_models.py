@@ -104,3 +104,40 @@ def write_sd3(folder: Path, *, t5: bool = True, num_layers: int = 2,
         index["text_encoder_3"] = ["transformers", "T5EncoderModel"]
         index["tokenizer_3"] = ["transformers", type(t3).__name__]
     return _index(folder, index)
+
+
+def write_flux(folder: Path, *, guidance_embeds: bool = True, num_layers: int = 1,
+               num_single_layers: int = 2, scheduler: dict | None = None) -> Path:
+    """Tiny FLUX: 8×8×4 latents (16×16 pixels) packed 2×2 into a 4×4 token grid, CLIP + T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=num_layers,
+                                    num_single_layers=num_single_layers, attention_head_dim=8,
+                                    num_attention_heads=2, joint_attention_dim=32,
+                                    pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+                                    axes_dims_rope=(4, 2, 2))
+        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=16, **TEXT_KW))
+        te2 = tiny_t5(32)
+        vae = tiny_vae(0.2, 1.3, 4)
+    tok = _write_tokenizer(folder / "tokenizer")
+    t5tok = write_t5_tokenizer(folder / "tokenizer_2")
+    tr.save_pretrained(folder / "transformer")
+    vae.save_pretrained(folder / "vae")
+    te1.save_pretrained(folder / "text_encoder")
+    te2.save_pretrained(folder / "text_encoder_2")
+    FlowMatchEulerDiscreteScheduler(**(scheduler or FLUX_SCHEDULER)).save_pretrained(
+        folder / "scheduler")
+    return _index(folder, {
+        "_class_name": "FluxPipeline",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", type(tok).__name__],
+        "tokenizer_2": ["transformers", type(t5tok).__name__],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    })

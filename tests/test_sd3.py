@@ -78,7 +78,7 @@ def test_eps_from_unmodified_h_is_eps_and_h_is_the_blocks_image_tokens(folder, b
     # h is what the transformer's own block `block` hands on (a forward hook as the oracle)
     seen = {}
     hook = b.transformer.transformer_blocks[block].register_forward_hook(
-        lambda m, a, out: seen.setdefault("h", out[1]))
+        lambda m, a, out: seen.update(h=out[1]))  # returns None: the output is kept
     b.velocity(x, T_EVAL, c)
     hook.remove()
     assert torch.equal(enc.h, seen["h"])

@@ -178,11 +178,14 @@ class FlowBackbone(Backbone):
     def parameters_count(self) -> int:
         return sum(p.numel() for p in self.transformer.parameters())
 
+    def describe_h_block(self) -> str:
+        return f"block {self.h_block}"
+
     @property
     def summary_kind(self) -> str:
-        return (f"{self.family} (flow-matching transformer, {self.num_blocks} blocks, h = block "
-                f"{self.h_block}, token grid {self.token_grid[0]}x{self.token_grid[1]} of "
-                f"{self.token_pixels}px)")
+        return (f"{self.family} (flow-matching transformer, {self.num_blocks} blocks, h = "
+                f"{self.describe_h_block()}, token grid {self.token_grid[0]}x"
+                f"{self.token_grid[1]} of {self.token_pixels}px)")
 
     def features(self, x, t, cond=None):
         self.check_state(x)
