@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import statistics
 import tempfile
 import time
@@ -98,40 +97,39 @@ def in_browser(url: str, image: Path, size: tuple[int, int], reps: int
                ) -> dict[str, dict[str, float]]:
     from playwright.sync_api import sync_playwright
 
+    from diffgeo.ui import browser as ui
     from diffgeo.ui.session import display_factor
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        raise SystemExit("--browser needs Debian's chromium (apt install chromium)")
     h, w = size
-    f = display_factor(size)
+    rng = np.random.default_rng(2)
+    click, slide = [], []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.set_default_timeout(120_000)
-        page.goto(url)
-        page.locator("#upload").locator("xpath=..").locator("input[type=file]").set_input_files(
-            str(image))
-        page.wait_for_function("() => document.querySelector('#image img')?.naturalWidth > 0")
-        img = page.locator("#image img")
-        rng = np.random.default_rng(2)
-        click = []
-        for i in range(reps + 1):
+        page = ui.open_page(p, url)
+        ui.upload(page, image)
+        for i in range(reps + 1):  # the first of each is a warm-up
             r, c = (int(v) for v in rng.integers(0, [h, w]))
-            before = page.evaluate("() => document.querySelector('#curve-plot img')?.src || ''")
-            nat_w, nat_h = img.evaluate("e => [e.naturalWidth, e.naturalHeight]")
-            box = img.bounding_box()
-            s = min(box["width"] / nat_w, box["height"] / nat_h, 1)
-            ox, oy = (box["width"] - nat_w * s) / 2, (box["height"] - nat_h * s) / 2
+            before = ui.image_source(page, "#curve-plot img")
             t0 = time.perf_counter()
-            img.click(position={"x": ox + (c + 0.5) * f * s, "y": oy + (r + 0.5) * f * s})
-            page.wait_for_function(
-                "b => { const i = document.querySelector('#curve-plot img'); "
-                "return i && i.src !== b && i.complete && i.naturalWidth > 0 }", arg=before)
-            if i:  # the first is a warm-up
+            ui.click_pixel(page, r, c, display_factor(size))
+            ui.wait_loaded(page, "#curve-plot img", other_than=before)
+            if i:
                 click.append(time.perf_counter() - t0)
-        browser.close()
-    return {"click-to-curve (browser)": _summary(click)}
+        side = display_factor(size) * np.array(size)  # the region editor is on the first tab
+        ui.paint(page, "region", tuple(side), [(side[0] * 0.3, side[1] * 0.3),
+                                               (side[0] * 0.6, side[1] * 0.6)])
+        page.get_by_role("tab", name="Region directions (RBE)").click()
+        page.locator("#discover").click()
+        ui.wait_value(page, "textarea", "singular values")
+        for i, fraction in enumerate(np.linspace(0.2, 0.8, reps + 1)):
+            before = ui.image_source(page, "#rbe-result img")
+            t0 = time.perf_counter()
+            ui.slide_to(page, "strength-0", float(fraction))
+            ui.wait_loaded(page, "#rbe-result img", other_than=before)
+            if i:
+                slide.append(time.perf_counter() - t0)
+        page.context.browser.close()
+    return {"click-to-curve (browser)": _summary(click),
+            "slider-to-image (browser)": _summary(slide)}
 
 
 def main() -> None:
