@@ -40,6 +40,7 @@ SMOKE_TESTED = {
     "benchmarks/recipes/emu_edit_removal.py", "benchmarks/recipes/heldout_scenes.py",
     "benchmarks/recipes/iharmony4_blending.py", "benchmarks/recipes/imagenet_exemplars.py",
     "scripts/build_scenes.py", "scripts/evaluate_default_model.py", "benchmarks/ui_latency.py",
+    "scripts/ui_screenshots.py",
 }
 DATA_RECIPES = ("cat2000_saliency", "celebahq_regions", "emu_edit_removal",
                 "iharmony4_blending", "imagenet_exemplars")
@@ -393,3 +394,18 @@ def test_ui_latency(tiny, tmp_path):
     for row in rep["seconds"].values():
         assert 0 < row["min"] <= row["median"] <= row["max"] and math.isfinite(row["max"])
     assert "| click-to-curve |" in (tmp_path / "ui_latency.md").read_text()
+
+
+@pytest.mark.slow
+def test_ui_screenshots(tiny, tmp_path):
+    pytest.importorskip("playwright")
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("no chromium on this machine")
+    out = tmp_path / "shots"
+    run("scripts/ui_screenshots.py", "--model", tiny, "--steps", 10, "--iterations", 2, "--out",
+        out, cwd=tmp_path, timeout=300)
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "edit.png", "pixels.png",
+                                                     "rbe.png"]
+    proc = run("scripts/ui_screenshots.py", "--model", tiny, "--out", out, cwd=tmp_path,
+               check=False)
+    assert proc.returncode != 0 and "--force" in proc.stderr  # nothing replaced unasked

@@ -40,9 +40,10 @@ THRESHOLDS = ("linear", "quadratic", "cubic", "log1p", "sigmoid", "sigmoid-norma
 MAX_DIRECTIONS = 8
 EXEMPLAR_SLOTS = 3
 BRUSH = "#ff3030"
-#: Result images keep sharp pixels when the browser scales them (the clickable one is never
-#: scaled up: it is sent enlarged).
-CSS = ".pixelated img { image-rendering: pixelated; }"
+#: Result images (model-sized, 32x32) fill their box with sharp pixels. Not the clickable image:
+#: stretching it by CSS would break Gradio's click mapping, so it is sent enlarged instead.
+CSS = """.pixelated img { width: 100% !important; height: 100% !important;
+  object-fit: contain !important; image-rendering: pixelated; }"""
 
 
 def _gradio():
@@ -131,7 +132,7 @@ def build_app(session: Session):
                                brush=gr.Brush(colors=[BRUSH], color_mode="fixed",
                                               default_size=12),
                                layers=False, sources=(), format="png")
-    result_image = functools.partial(gr.Image, format="png", interactive=False,
+    result_image = functools.partial(gr.Image, format="png", interactive=False, height=260,
                                      elem_classes=["pixelated"])
     heavy = {"concurrency_id": "model", "concurrency_limit": 1}  # one model job at a time
 
@@ -374,7 +375,8 @@ def build_app(session: Session):
                     loss_plot = gr.LinePlot(x="iteration", y="loss", label="loss",
                                             elem_id="loss-plot", height=220)
                     edit_strip = gr.Gallery(label="intermediate results", columns=7,
-                                            height=140, elem_id="edit-strip", format="png")
+                                            height=140, elem_id="edit-strip", format="png",
+                                            object_fit="contain")
                     edit_text = gr.Textbox(label="progress", elem_id="edit-text")
                     with gr.Row():
                         edit_result = result_image(label="result", elem_id="edit-result")
@@ -384,7 +386,8 @@ def build_app(session: Session):
                     discover_btn = gr.Button("discover directions of the painted region",
                                              elem_id="discover", variant="primary")
                     previews = gr.Gallery(label="previews (−30, 0, +30)", columns=1,
-                                          format="png")
+                                          elem_id="previews", format="png",
+                                          object_fit="contain")
                     sv_text = gr.Textbox(label="singular values")
                     sliders = [gr.Slider(-60, 60, value=0, step=1, label=f"direction {i}: α",
                                          visible=i < 3, elem_id=f"strength-{i}")
@@ -401,7 +404,8 @@ def build_app(session: Session):
                             with gr.Tab(f"exemplar {n}"):
                                 ex = gr.Image(type="filepath", label=f"exemplar {n}",
                                               height=180, sources=("upload",), format="png",
-                                              elem_id=f"exemplar-{n}")
+                                              elem_id=f"exemplar-{n}",
+                                              elem_classes=["pixelated"])
                                 m = editor(label="its edit map: paint where it goes",
                                            elem_id=f"edit-map-{n}")
                                 feather = gr.Slider(0, 16, value=0, step=0.5,

@@ -93,8 +93,17 @@ def paint(page: Any, elem_id: str, size: tuple[int, int],
 def set_number(page: Any, elem_id: str, value: float) -> None:
     """Type a value into a slider's number box (fires its change and release)."""
     box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.blur()
+    for _ in range(5):  # a freshly shown tab may take the first keystrokes before it is live
+        box.fill(str(value))
+        box.blur()
+        try:
+            page.wait_for_function(
+                "([s, v]) => Number(document.querySelector(s)?.value) === v",
+                arg=[f"#{elem_id} input[type=range]", float(value)], timeout=2_000)
+            return
+        except Exception:  # Playwright's TimeoutError: type it again
+            continue
+    raise TimeoutError(f"the slider #{elem_id} did not take the value {value}")
 
 
 def slide_to(page: Any, elem_id: str, fraction: float) -> None:
