@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
 from diffgeo.jacobian import batched_jvp
-from diffgeo.sampling import Grid, Trajectory, alpha_bar, invert, step_coefficients
+from diffgeo.sampling import Grid, Trajectory, invert, step_coefficients_at, step_output
 from diffgeo.tangent import TangentBasis, tangent_basis
 
 DEFINITIONS = ("exact", "eps", "h-proj", "h")
@@ -117,15 +117,16 @@ def projected_operator(backbone: Backbone, x: torch.Tensor, t: int, t_prev: int 
                        cond: Conditioning | None = None, chunk: int = 16) -> torch.Tensor:
     """M (n_out, k) with rate(v) = ‖M · Vᵀ v‖ for a projected definition (k JVPs in all).
 
-    exact:  M = A(t)·V + B(t)·Dε[V]  (Eq. 8, A and B of the generation step t -> t_prev)
+    exact:  M = A(t)·V + B(t)·Dε[V]  (Eq. 8, A and B of the generation step t -> t_prev;
+            on flow-matching models A = 1, B = σ_prev − σ and the velocity's Dv[V])
     eps:    M = Dε[V]
     h-proj: M = Dh[V]
     """
     V = basis.vectors.to(x)[:, None]  # (k, 1, *state)
-    output = "h" if definition == "h-proj" else "eps"
+    output = _output(backbone, definition)
     JV = batched_jvp(backbone, x, V, t, cond, output=output, chunk=chunk).flatten(1)  # (k, n)
     if definition == "exact":
-        a, b = step_coefficients(alpha_bar(backbone, t), alpha_bar(backbone, t_prev))
+        a, b = step_coefficients_at(backbone, t, t_prev)
         JV = a * V.flatten(1) + b * JV
     return JV.T
 
@@ -149,15 +150,22 @@ def rates_at(backbone: Backbone, x: torch.Tensor, t: int, directions: torch.Tens
         raise InputError(f"definition {definition!r} projects on the tangent space: pass basis")
     if per_direction:
         P = basis.project(directions.to(x))
-        output = "h" if definition == "h-proj" else "eps"
+        output = _output(backbone, definition)
         JP = batched_jvp(backbone, x, P[:, None], t, cond, output=output, chunk=chunk).flatten(1)
         if definition == "exact":
-            a, b = step_coefficients(alpha_bar(backbone, t), alpha_bar(backbone, t_prev))
+            a, b = step_coefficients_at(backbone, t, t_prev)
             JP = a * P.flatten(1) + b * JP
         return JP.norm(dim=1)
     M = projected_operator(backbone, x, t, t_prev, basis, definition, cond, chunk)
     coords = basis.coordinates(directions.to(x))  # (P, k)
     return (coords @ M.T).norm(dim=1)
+
+
+def _output(backbone: Backbone, definition: str) -> str:
+    """What a projected definition differentiates: h, ε, or what the step consumes."""
+    if definition == "h-proj":
+        return "h"
+    return step_output(backbone) if definition == "exact" else "eps"
 
 
 def check_definition(definition: str) -> None:

@@ -20,14 +20,19 @@ from torch.func import vjp as _vjp
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
 
-OUTPUTS = ("eps", "h")
+OUTPUTS = ("eps", "h")  # and "velocity" on flow-matching models
 
 
 def output_fn(backbone: Backbone, t: int | torch.Tensor, cond: Conditioning | None = None,
               output: str = "eps") -> Callable[[torch.Tensor], torch.Tensor]:
-    """x ↦ ε(x, t) or x ↦ h(x, t) as a plain function of the state."""
+    """x ↦ ε(x, t), h(x, t) or (flow-matching models) the velocity v(x, t), as a plain
+    function of the state."""
     if output == "eps":
         return lambda x: backbone.eps(x, t, cond)
+    if output == "velocity":
+        if backbone.prediction_type != "flow":
+            raise InputError("output 'velocity' needs a flow-matching model")
+        return lambda x: backbone.velocity(x, t, cond)  # type: ignore[attr-defined]
     if output == "h":
         return lambda x: backbone.h(x, t, cond)
     raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")

@@ -46,7 +46,7 @@ from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError, ModelNotFoundError
 from diffgeo.hub import looks_like_path, snapshot
 from diffgeo.runtime import check_device, resolve_dtype
-from diffgeo.sampling import Trajectory, predict_x0
+from diffgeo.sampling import Trajectory, predict_clean
 
 DINO_DEFAULT = "facebook/dino-vits16"
 """DINO v1 ViT-S/16, the model the paper cites (Caron et al., 2021)."""
@@ -354,7 +354,7 @@ def perceptual_curve(backbone: Backbone, trajectory: Trajectory, image: torch.Te
     dists: list[torch.Tensor] = []
     def x0_image(t: int) -> torch.Tensor:
         x = trajectory.at(t)
-        x0 = predict_x0(x, backbone.eps(x, t, cond), trajectory.grid.alpha_bar(t))
+        x0 = predict_clean(backbone, x, t, trajectory.grid, cond)
         return backbone.to_image(x0).clamp(-1, 1)
 
     for start in range(0, len(grid), dino.batch_size):

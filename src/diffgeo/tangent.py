@@ -55,6 +55,7 @@ from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError, check_int
 from diffgeo.jacobian import OUTPUTS, batched_jvp, batched_vjp
 from diffgeo.sampling import Trajectory
+from diffgeo.sampling.flow import time_value
 
 __all__ = ["DEFAULT_SEED", "PowerIterationConfig", "PowerIterationResult", "TangentBasis",
            "block_power_iteration", "power_config", "principal_angles", "tangent_basis",
@@ -592,8 +593,8 @@ def tangent_basis(backbone: Backbone, x: torch.Tensor, t: int, cond: Conditionin
         raise InputError(f"output must be one of {OUTPUTS}, got {output!r}")
     state_shape = tuple(backbone.state_shape)
     check_int(chunk, "chunk", 1)
-    tt = backbone.timesteps(t, 1)  # validates t (integer, on the training grid)
-    t_int = int(tt[0])
+    tt = backbone.timesteps(t, 1)  # validates t (integer, on the training grid; flow: σ·T)
+    t_int = time_value(tt)
     x = x.detach()
     start = _basis_init(init, state_shape)
 

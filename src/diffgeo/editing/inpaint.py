@@ -17,7 +17,7 @@ import torch
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
 from diffgeo.io.regions import as_mask
-from diffgeo.sampling import Grid, Guidance, Step, noised, renoised, sample
+from diffgeo.sampling import Grid, Guidance, Step, sample
 
 
 def _hole(image: torch.Tensor, mask: Any) -> torch.Tensor:
@@ -75,13 +75,12 @@ def repaint(backbone: Backbone, image: torch.Tensor, mask: Any, *,
                            device=generator.device).to(dev)
 
     def merge(step: Step) -> torch.Tensor:
-        ab_from, ab_to = g.alpha_bar(step.t_from), g.alpha_bar(step.t_to)
-        known = x0 if step.t_to is None else noised(x0, noise(), ab_to)
+        known = x0 if step.t_to is None else g.noised(x0, noise(), step.t_to)
         merged = m * step.x_to + (1 - m) * known
         for _ in range(resample - 1):
             # q(x_from | x_to): back up one level with fresh noise and step again
-            unknown = step.redo(renoised(merged, noise(), ab_from, ab_to))
-            known = x0 if step.t_to is None else noised(x0, noise(), ab_to)
+            unknown = step.redo(g.renoised(merged, noise(), step.t_from, step.t_to))
+            known = x0 if step.t_to is None else g.noised(x0, noise(), step.t_to)
             merged = m * unknown + (1 - m) * known
         return merged
 

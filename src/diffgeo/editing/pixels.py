@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
 from diffgeo.io.regions import as_mask, resize_edit_map
-from diffgeo.sampling import Grid, Guidance, noised, sample
+from diffgeo.sampling import Grid, Guidance, sample
 
 THRESHOLDS: tuple[str, ...] = ("linear", "quadratic", "cubic", "log1p", "sigmoid",
                                "sigmoid-normalized")
@@ -365,13 +365,12 @@ def pixels_edit(backbone: Backbone, source: torch.Tensor, exemplars: Sequence[to
     surgical = [source]
 
     def pin(i: int, t: int, x: torch.Tensor) -> torch.Tensor:
-        ab = g.alpha_bar(t)
         m = (mus > float(thr[i])).to(dt)  # (K, 1, h, w)
-        src_t = noised(source, z_src, ab)
+        src_t = g.noised(source, z_src, t)
         if i == 0:
             x = src_t
             for k, (e, z) in enumerate(zip(exemplars, z_ex, strict=True)):
-                x = x * m[k: k + 1] + noised(e, z, ab) * (1 - m[k: k + 1])
+                x = x * m[k: k + 1] + g.noised(e, z, t) * (1 - m[k: k + 1])
             surgical[0] = x
         else:
             keep = m.prod(dim=0, keepdim=True)

@@ -14,7 +14,16 @@ from diffgeo.sampling.ddim import (
     renoised,
     step_coefficients,
 )
-from diffgeo.sampling.grid import DEFAULT_STEPS, Grid, GridRule, alpha_bar, grid_timesteps
+from diffgeo.sampling.grid import (
+    DEFAULT_STEPS,
+    Grid,
+    GridRule,
+    alpha_bar,
+    grid_timesteps,
+    signal_noise,
+    step_coefficients_at,
+    step_output,
+)
 from diffgeo.sampling.loop import (
     Guidance,
     Step,
@@ -23,6 +32,7 @@ from diffgeo.sampling.loop import (
     eps_model,
     generate,
     invert,
+    predict_clean,
     reconstruct,
     sample,
     walk,
@@ -30,7 +40,7 @@ from diffgeo.sampling.loop import (
 
 __all__ = [
     "DEFAULT_STEPS", "Grid", "GridRule", "Guidance", "Step", "Trajectory", "alpha_bar", "ascend",
-    "clip_eps",
-    "ddim_step", "eps_from_x0", "eps_model", "generate", "grid_timesteps", "invert", "noised",
-    "predict_x0", "reconstruct", "renoised", "sample", "step_coefficients", "walk",
+    "clip_eps", "ddim_step", "eps_from_x0", "eps_model", "generate", "grid_timesteps", "invert",
+    "noised", "predict_clean", "predict_x0", "reconstruct", "renoised", "sample", "signal_noise",
+    "step_coefficients", "step_coefficients_at", "step_output", "walk",
 ]

@@ -130,6 +130,25 @@ def flow_timesteps(rule: FlowRule, num_steps: int) -> list[float]:
     return taus
 
 
+def check_time(value: Any, name: str) -> int | float:
+    """A timestep as given: an integer >= 0 stays an int (DDPM grids, and the nominal t of a
+    flow run), a finite float >= 0 stays a float (a flow grid's model time σ·T); grids then
+    check it against their levels. Bools and non-numbers are refused."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise InputError(f"{name} must be a timestep (a number >= 0), got {value!r}")
+    if not np.isfinite(float(value)) or value < 0:
+        raise InputError(f"{name} must be >= 0, got {value}")
+    return int(value) if isinstance(value, int | np.integer) else float(value)
+
+
+def time_value(t: Any) -> int | float:
+    """A level as a plain Python number: an int for integer timesteps (tensors included), a
+    float for flow model times."""
+    if isinstance(t, torch.Tensor):
+        t = t.reshape(-1)[0].item()
+    return float(t) if isinstance(t, float | np.floating) else int(t)
+
+
 def sigma_of(tau: float | None, num_train_timesteps: int) -> float:
     """σ of a flow level: τ / T, or 0 at the clean level (None)."""
     return 0.0 if tau is None else float(tau) / num_train_timesteps
@@ -173,5 +192,6 @@ def flow_step(x: torch.Tensor, v: torch.Tensor, sigma_from: float, sigma_to: flo
     return out
 
 
-__all__ = ["PIPELINE_SIGMAS", "FlowRule", "eps_from_velocity", "flow_noised", "flow_step",
-           "flow_timesteps", "sigma_of", "velocity_from_eps", "x0_from_velocity"]
+__all__ = ["PIPELINE_SIGMAS", "FlowRule", "check_time", "eps_from_velocity", "flow_noised",
+           "flow_step", "flow_timesteps", "sigma_of", "time_value", "velocity_from_eps",
+           "x0_from_velocity"]

@@ -28,7 +28,10 @@ import torch
 
 from diffgeo.backbones.base import Backbone
 from diffgeo.errors import InputError
-from diffgeo.sampling.flow import FlowRule, flow_timesteps, sigma_of
+from diffgeo.sampling.ddim import noised as ddpm_noised
+from diffgeo.sampling.ddim import renoised as ddpm_renoised
+from diffgeo.sampling.ddim import step_coefficients as ddpm_step_coefficients
+from diffgeo.sampling.flow import FlowRule, flow_noised, flow_timesteps, sigma_of
 from diffgeo.schedule import SPACINGS, GridRule
 
 DEFAULT_STEPS = 50
@@ -72,6 +75,33 @@ def alpha_bar(backbone: Backbone, t: int | None) -> float:
     if t is None:
         return clean_alpha_bar(backbone.grid_rule, backbone.alphas_cumprod)
     return float(backbone.alphas_cumprod[t])
+
+
+def signal_noise(backbone: Backbone, t: float | None) -> tuple[float, float]:
+    """(a, b) with X_t = a·x0 + b·ε at level t: (√ᾱ, √(1 − ᾱ)) on DDPM models, (1 − σ, σ)
+    on flow-matching ones (σ = t / T; None = clean)."""
+    if isinstance(backbone.grid_rule, FlowRule):
+        s = sigma_of(t, backbone.num_train_timesteps)
+        return 1 - s, s
+    ab = alpha_bar(backbone, t)  # type: ignore[arg-type]
+    return ab**0.5, (1 - ab) ** 0.5
+
+
+def step_coefficients_at(backbone: Backbone, t_from: float, t_to: float | None
+                         ) -> tuple[float, float]:
+    """A, B with x_to = A·x + B·p for the deterministic step t_from -> t_to, where p is what
+    the step consumes (:func:`step_output`): Eq. 8's A(t), B(t) with p = ε on DDPM models,
+    A = 1, B = σ_to − σ_from with p = v on flow-matching ones."""
+    if isinstance(backbone.grid_rule, FlowRule):
+        T = backbone.num_train_timesteps
+        return 1.0, sigma_of(t_to, T) - sigma_of(t_from, T)
+    return ddpm_step_coefficients(alpha_bar(backbone, t_from),  # type: ignore[arg-type]
+                                  alpha_bar(backbone, t_to))
+
+
+def step_output(backbone: Backbone) -> str:
+    """The network output a step consumes, as ``jacobian`` names it: "eps" or "velocity"."""
+    return "velocity" if isinstance(backbone.grid_rule, FlowRule) else "eps"
 
 
 @dataclass(frozen=True)
@@ -196,6 +226,24 @@ class Grid:
             raise InputError("sigma() is defined on flow-matching grids; this grid is DDPM's")
         return sigma_of(t, self.rule.num_train_timesteps)  # type: ignore[union-attr]
 
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        """The forward process at level t: √ᾱ·x0 + √(1 − ᾱ)·noise, or (1 − σ)·x0 + σ·noise."""
+        if self.flow:
+            return flow_noised(x0, noise, self.sigma(t))
+        return ddpm_noised(x0, noise, self.alpha_bar(t))  # type: ignore[arg-type]
+
+    def renoised(self, x_to: torch.Tensor, noise: torch.Tensor, t_from: float,
+                 t_to: float | None) -> torch.Tensor:
+        """q(x_from | x_to) for the noisier level t_from: back up one level with fresh noise.
+        Flow: x_from = r·x_to + sqrt(σ_from² − r²·σ_to²)·noise, r = (1 − σ_from)/(1 − σ_to)
+        (the marginal at σ_from stays (1 − σ)·x0 + σ·ε)."""
+        if not self.flow:
+            return ddpm_renoised(x_to, noise, self.alpha_bar(t_from),  # type: ignore[arg-type]
+                                 self.alpha_bar(t_to))  # type: ignore[arg-type]
+        s_from, s_to = self.sigma(t_from), self.sigma(t_to)
+        r = (1 - s_from) / (1 - s_to)
+        return r * x_to + max(s_from**2 - (r * s_to) ** 2, 0.0) ** 0.5 * noise
+
     def _ddpm_only(self, what: str) -> None:
         if self.flow:
             raise InputError(f"{what} is a DDPM quantity: this method does not support "
@@ -212,18 +260,18 @@ class Grid:
     def check(self, t: Any, name: str = "t") -> int:
         """t itself when it is a timestep of this grid; a clear error naming the nearest ones.
 
-        On a flow grid, a number within 1e-9 (relative) of a level names it and the grid's own
-        float is returned (settings and command lines print τ with finite precision).
+        On a flow grid the levels are floats (σ·T) nobody types: a number within the grid's
+        span names the level nearest to it (ties to the lower), and that level is returned;
+        command lines and paper defaults (t = 700) reach the grid this way.
         """
         if self.flow:
             if isinstance(t, bool) or not isinstance(t, int | float | np.integer | np.floating):
                 raise InputError(f"{name} must be a number (a model time sigma*T), got {t!r}")
-            hit = [g for g in self.timesteps if abs(g - float(t)) <= 1e-9 * max(1.0, abs(g))]
-            if not hit:
-                near = sorted(sorted(self.timesteps, key=lambda g: abs(g - float(t)))[:2])
-                raise InputError(f"{name}={t} is not on the {self.describe()}; nearest grid "
-                                 f"timesteps: {near}")
-            return hit[0]  # type: ignore[return-value]
+            T = self.rule.num_train_timesteps  # type: ignore[union-attr]
+            if not 0 <= float(t) <= T:
+                raise InputError(f"{name}={t} is outside the model times 0..{T} of the "
+                                 f"{self.describe()}")
+            return self.nearest(t)  # type: ignore[return-value]
         if isinstance(t, bool) or not isinstance(t, int | np.integer):
             raise InputError(f"{name} must be an integer timestep, got {t!r}")
         if int(t) not in self.timesteps:
@@ -270,4 +318,4 @@ class Grid:
 
 
 __all__ = ["DEFAULT_STEPS", "SPACINGS", "Grid", "GridRule", "alpha_bar", "clean_alpha_bar",
-           "grid_timesteps"]
+           "grid_timesteps", "signal_noise", "step_coefficients_at", "step_output"]

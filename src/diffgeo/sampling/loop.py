@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.errors import InputError
-from diffgeo.sampling.ddim import clip_eps, ddim_step, step_coefficients
-from diffgeo.sampling.flow import flow_step
+from diffgeo.sampling.ddim import clip_eps, ddim_step, predict_x0, step_coefficients
+from diffgeo.sampling.flow import flow_step, x0_from_velocity
 from diffgeo.sampling.grid import Grid
 
 EpsOut = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -76,6 +76,16 @@ def eps_model(backbone: Backbone, cond: Conditioning | None,
         return e_u + guidance.scale * (e_c - e_u)
 
     return guided
+
+
+def predict_clean(backbone: Backbone, x: torch.Tensor, t: Any, grid: Grid,
+                  cond: Conditioning | None = None) -> torch.Tensor:
+    """The model's x̂0 at level t: (x − √(1 − ᾱ)·ε)/√ᾱ, or x − σ·v on a flow grid (defined
+    at σ = 1 too)."""
+    if grid.flow:
+        return x0_from_velocity(x, backbone.velocity(x, t, cond),  # type: ignore[attr-defined]
+                                grid.sigma(t))
+    return predict_x0(x, backbone.eps(x, t, cond), grid.alpha_bar(t))
 
 
 @dataclass
@@ -167,7 +177,7 @@ def sample(backbone: Backbone, x: torch.Tensor, grid: Grid, *,
     """
     check_start(backbone, x, "x")
     _check_eta(eta, generator)
-    if grid.flow and (clip_x0 or callable(eta) or eta != 0):
+    if grid.flow and (clip_x0 or (not callable(eta) and eta != 0)):
         raise InputError("eta and clip_x0 are DDIM options; the flow-matching step is "
                          "deterministic Euler")
     eps_of = eps_fn or eps_model(backbone, cond, guidance)
@@ -180,6 +190,9 @@ def sample(backbone: Backbone, x: torch.Tensor, grid: Grid, *,
         out = eps_of(state, t_from)
         eps, eps_x0 = (out[1], out[0]) if isinstance(out, tuple) else (out, None)
         if grid.flow:
+            if callable(eta) and eta(t_from) != 0:
+                raise InputError("eta > 0 is a DDIM option; the flow-matching step is "
+                                 "deterministic Euler")
             return flow_step(state, eps, grid.sigma(t_from), grid.sigma(t_to), v_x0=eps_x0)
         ab_from, ab_to = grid.alpha_bar(t_from), grid.alpha_bar(t_to)
         if clip_x0:

@@ -21,7 +21,7 @@ from diffgeo.verbs.common import (
     result_dir,
     time_grid,
 )
-from diffgeo.verbs.options import Choice, ImageVerbOptions, Seeded, box, option, point
+from diffgeo.verbs.options import Choice, ImageVerbOptions, Seeded, box, option, point, timestep
 from diffgeo.verbs.registry import Result, register
 
 if TYPE_CHECKING:
@@ -45,8 +45,9 @@ class CurveEditOptions(ImageVerbOptions, Seeded):
     image: Path = option(help="Image to edit.", argument=True)
     iterations: int | None = option(None, "Adam iterations (default: 300; 70 saliency; 100 "
                                     "blend).")
-    t: int | None = option(_CFG.t, "Timestep of the optimised X_t (on the DDIM grid; default: "
-                           "the grid point nearest the paper's 700).", flags=("--t",))
+    t: int | float | None = option(
+        _CFG.t, "Timestep of the optimised X_t (on the DDIM grid; default: the grid point "
+        "nearest the paper's 700).", flags=("--t",), parse=timestep)
     lr: float = option(_CFG.lr, "Adam learning rate.")
     mode: Mode = option(Mode(_CFG.mode), "fast: reuse the path's ΔX between refreshes; "
                         "faithful: re-integrate X_t → X_tk every iteration (the paper).")

@@ -27,6 +27,7 @@ from diffgeo.verbs.options import (
     box,
     option,
     point,
+    timestep,
 )
 from diffgeo.verbs.registry import Result, register
 
@@ -66,7 +67,7 @@ class PathOptions(ImageVerbOptions):
     """The inversion path and the fluctuation statistic both verbs read off it."""
 
     DIFFERENTIATES = True
-    t: int | None = option(None, _T_HELP, flags=("--t",), check=at_least(0))
+    t: int | float | None = option(None, _T_HELP, flags=("--t",), parse=timestep)
     k: int = option(3, "Tangent-space dimension for the projected definitions.",
                     check=at_least(1))
     window: int = option(5, "Fluctuation: sliding-window length.", check=at_least(1))

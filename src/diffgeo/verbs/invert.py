@@ -16,7 +16,7 @@ from diffgeo.verbs.common import (
     result_dir,
     time_grid,
 )
-from diffgeo.verbs.options import ImageVerbOptions, at_least, option
+from diffgeo.verbs.options import ImageVerbOptions, at_least, option, timestep
 from diffgeo.verbs.registry import Result, register
 
 if TYPE_CHECKING:
@@ -29,8 +29,9 @@ FILES = ("input.png", "reconstruction.png", "trajectory.png", "trajectory.npz", 
 @dataclass(frozen=True, kw_only=True)
 class InvertOptions(ImageVerbOptions):
     image: Path = option(help="Image to invert (PNG, JPEG, WebP).", argument=True)
-    t: int = option(700, "Timestep to invert to (on the DDIM grid).", flags=("--t",),
-                    check=at_least(0))
+    t: int | float = option(700, "Timestep to invert to (on the DDIM grid; flow models: the "
+                            "grid level nearest this model time sigma*T).", flags=("--t",),
+                            parse=timestep)
     exact: bool = option(False, "Refine every inversion step by fixed-point iteration so that "
                          "generation maps it back exactly.")
     tol: float = option(1e-5, "Exact mode: relative round-trip tolerance per step.")

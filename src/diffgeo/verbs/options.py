@@ -170,6 +170,34 @@ def int_pair(raw: Any, name: str) -> tuple[int, int]:
     return int(vals[0]), int(vals[1])
 
 
+def time_pair(raw: Any, name: str) -> tuple[int | float, int | float]:
+    """``"lo,hi"`` or ``[lo, hi]``: two timesteps (integers; a flow model's may be
+    fractional model times)."""
+    vals = floats(raw, name)
+    if len(vals) != 2:
+        raise InputError(f"{name} must be t_low,t_high, got {raw!r}")
+    return tuple(int(v) if v == int(v) else float(v) for v in vals)  # type: ignore[return-value]
+
+
+def timestep(raw: Any, name: str) -> int | float:
+    """A timestep option: an integer (DDPM grids), or a flow model's model time σ·T, which may
+    be fractional (a flow grid takes the level nearest to the number given)."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            raw = int(text)
+        except ValueError:
+            try:
+                raw = float(text)
+            except ValueError:
+                raise InputError(f"{name} must be a timestep (a number), got {text!r}") from None
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise InputError(f"{name} must be a timestep (a number), got {raw!r}")
+    if not raw >= 0 or raw == float("inf"):
+        raise InputError(f"{name} must be a timestep >= 0, got {raw!r}")
+    return raw
+
+
 # ----------------------------------------------------------------------------- conversion
 def hint_shape(hint: Any) -> tuple[Any, bool, bool]:
     """(item type, may be None, repeatable) of a field's annotation."""

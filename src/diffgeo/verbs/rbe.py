@@ -23,8 +23,9 @@ from diffgeo.verbs.options import (
     at_least,
     box,
     floats,
-    int_pair,
     option,
+    time_pair,
+    timestep,
 )
 from diffgeo.verbs.registry import Result, register
 
@@ -51,8 +52,9 @@ class DirectionsOptions(ImageVerbOptions, Seeded):
     box: tuple[int, int, int, int] | None = option(
         None, "Rectangular region r0,c0,r1,c1 (end exclusive), in input-image pixels.",
         parse=box)
-    t: int | None = option(None, "Discovery timestep, on the DDIM grid (default: the grid point "
-                           "nearest the paper's 500).", flags=("--t",))
+    t: int | float | None = option(
+        None, "Discovery timestep, on the DDIM grid (default: the grid point nearest the "
+        "paper's 500).", flags=("--t",), parse=timestep)
     steps: int = option(40, "DDIM steps over the full 0..T-1 range (the grid).",
                         check=at_least(1))
     k: int = option(3, "Number of directions.", check=at_least(1))
@@ -75,7 +77,7 @@ class ApplyOptions(ImageVerbOptions, Seeded):
                             "authors' released code).")
     window: tuple[int, int] | None = option(None, "Edited timesteps t_low,t_high (default: "
                                             "from the discovery timestep down to 0).",
-                                            parse=int_pair)
+                                            parse=time_pair)
     eta: float = option(0.0, "Stochastic DDIM below the window (needs --seed).",
                         check=at_least(0))
     mask: Path | None = option(None, "Region for the inside/outside change report (default: "

@@ -25,7 +25,17 @@ from diffgeo.editing.rbe.directions import Directions
 from diffgeo.editing.rbe.discovery import directions_at
 from diffgeo.errors import InputError
 from diffgeo.metrics import Locality, edit_locality
-from diffgeo.sampling import Grid, Trajectory, alpha_bar, ddim_step, invert, predict_x0, sample
+from diffgeo.sampling import (
+    Grid,
+    Trajectory,
+    alpha_bar,
+    ddim_step,
+    eps_model,
+    invert,
+    predict_x0,
+    sample,
+    signal_noise,
+)
 
 
 def asymmetric_step(backbone: Backbone, x: torch.Tensor, t: int, t_prev: int | None,
@@ -39,7 +49,19 @@ def asymmetric_step(backbone: Backbone, x: torch.Tensor, t: int, t_prev: int | N
     ``t_prev=None`` is the clean level of the model's grid. x_prev is the sampler's own step
     (``sampling.ddim_step`` with ``eps_x0``), so ε_edit == ε_orig reproduces the plain DDIM
     step bit for bit. Pass ε_edit for both to get the symmetric ("replace") step.
+
+    Flow-matching models take the same form with (signal, noise) = (1 − σ, σ) in place of
+    (√ᾱ, √(1 − ᾱ)): P_t = (x − σ·ε_edit)/(1 − σ), D_t = σ_prev·ε_orig; ε_edit == ε_orig is
+    then the flow Euler step (t < T: at σ = 1 ε carries no x̂0).
     """
+    if backbone.prediction_type == "flow":
+        (a, b), (a_prev, b_prev) = signal_noise(backbone, t), signal_noise(backbone, t_prev)
+        if a <= 0:
+            raise InputError("an x̂0 edit at sigma = 1 is undefined: edit below the top of "
+                             "the grid")
+        p_t = (x - b * eps_edit) / a
+        d_t = b_prev * eps_orig
+        return a_prev * p_t + d_t, p_t, d_t
     ab_t, ab_prev = alpha_bar(backbone, t), alpha_bar(backbone, t_prev)
     x_prev = ddim_step(x, eps_orig, ab_t, ab_prev, eps_x0=eps_edit)
     return x_prev, predict_x0(x, eps_edit, ab_t), (1 - ab_prev) ** 0.5 * eps_orig
@@ -163,19 +185,23 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
     rng_state = generator.get_state() if (stochastic and generator is not None) else None
 
     per_step: dict[int, torch.Tensor] = {}
+    plain = eps_model(backbone, cond)
+
+    def consumed(out: torch.Tensor, enc) -> torch.Tensor:
+        return out if g.flow else backbone.to_eps(out, enc.x, enc.timesteps)
 
     def run(alpha: float) -> Trajectory:
         if rng_state is not None and generator is not None:
             generator.set_state(rng_state)
 
         def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            # what the step consumes: ε, or a flow model's velocity (its native output)
             if not lo <= t <= hi:
-                return backbone.eps(x, t, cond)
+                return plain(x, t)
             # encoder once; the original and the edited h share its skips
             enc = backbone.encode(x, t, cond)
-            eps_orig = backbone.to_eps(backbone.decode(enc, enc.h), enc.x, enc.timesteps)
-            eps_edit = backbone.to_eps(backbone.decode(enc, enc.h + alpha * per_step.get(t, v)),
-                                       enc.x, enc.timesteps)
+            eps_orig = consumed(backbone.decode(enc, enc.h), enc)
+            eps_edit = consumed(backbone.decode(enc, enc.h + alpha * per_step.get(t, v)), enc)
             return eps_edit, (eps_edit if mode == "replace" else eps_orig)
 
         return sample(backbone, xt, g, eps_fn=eps_fn, generator=generator,

@@ -14,6 +14,7 @@ import torch
 from diffgeo.backbones.base import Backbone
 from diffgeo.backbones.functional import FunctionalBackbone
 from diffgeo.errors import InputError, check_int
+from diffgeo.sampling.flow import check_time
 from diffgeo.tangent import PowerIterationConfig
 
 DEFAULT_T = 500          # RBE: discovery / edit timestep
@@ -52,7 +53,7 @@ class RBEConfig(PowerIterationConfig):
         super().__post_init__()
         put = object.__setattr__
         if self.t is not None:
-            put(self, "t", check_int(self.t, "t", 0))
+            put(self, "t", check_time(self.t, "t"))
         if self.k_unmasked is not None:
             put(self, "k_unmasked", check_int(self.k_unmasked, "k_unmasked", 1))
         if self.project_against not in PROJECTIONS:
@@ -99,7 +100,7 @@ class RBEEditConfig:
     def __post_init__(self) -> None:
         put = object.__setattr__
         if self.t_edit is not None:
-            put(self, "t_edit", check_int(self.t_edit, "t_edit", 0))
+            put(self, "t_edit", check_time(self.t_edit, "t_edit"))
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
         eta = self.eta
@@ -111,13 +112,14 @@ class RBEEditConfig:
             raise InputError(f"rediscover must be True or False, got {self.rediscover!r}")
         if self.window is not None:
             w = self.window
+            # integers on DDPM grids; a flow grid's levels are model times σ·T (floats)
             ok = (isinstance(w, tuple | list) and len(w) == 2
-                  and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                          for v in w) and 0 <= w[0] <= w[1])
+                  and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                          and math.isfinite(v) for v in w) and 0 <= w[0] <= w[1])
             if not ok:
-                raise InputError(f"window must be two integers (t_low, t_high) with "
+                raise InputError(f"window must be two timesteps (t_low, t_high) with "
                                  f"0 <= t_low <= t_high, got {w!r}")
-            put(self, "window", (int(w[0]), int(w[1])))
+            put(self, "window", tuple(v if isinstance(v, float) else int(v) for v in w))
 
     def resolved_window(self, t_edit: int) -> tuple[int, int]:
         """The window for an edit that starts at ``t_edit``, checked against it."""

@@ -127,8 +127,9 @@ class Directions:
                 raise InputError(f"{mpath} gives {key} {meta[key]!r} but {tpath} holds {want!r}: "
                                  "the two files come from different runs")
         timestep, num_steps = meta.get("timestep"), meta.get("num_steps")
-        if isinstance(timestep, bool) or not isinstance(timestep, int) or timestep < 0:
-            raise InputError(f"{mpath}: timestep must be an integer >= 0, got {timestep!r}")
+        # an integer timestep, or a flow model's float model time σ·T
+        if isinstance(timestep, bool) or not isinstance(timestep, int | float) or timestep < 0:
+            raise InputError(f"{mpath}: timestep must be a number >= 0, got {timestep!r}")
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
                                       or num_steps < 1):
             raise InputError(f"{mpath}: num_steps must be an integer >= 1 or null, "

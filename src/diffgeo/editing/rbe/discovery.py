@@ -23,6 +23,7 @@ from diffgeo.editing.rbe.directions import Directions
 from diffgeo.editing.rbe.products import decoder_products, masked_response, project_out
 from diffgeo.errors import InputError
 from diffgeo.sampling import Grid, invert
+from diffgeo.sampling.flow import time_value
 from diffgeo.tangent import PowerIterationResult, block_power_iteration, default_generator
 
 
@@ -59,7 +60,8 @@ def _discover(backbone: Backbone, xt: torch.Tensor, t: int, mask_state: torch.Te
     run_m = block_power_iteration(jm, jmt, h_shape, config.power, **kw)  # type: ignore[arg-type]
     raw = run_m.vectors
     settings: dict[str, Any] = dict(
-        **replace(config, t=int(t)).to_dict(), timestep=int(t), num_steps=num_steps,
+        **replace(config, t=time_value(t)).to_dict(), timestep=time_value(t),
+        num_steps=num_steps,
         seed=gen.initial_seed(), dtype=str(enc.h.dtype).replace("torch.", ""),
         backbone=dict(kind=backbone.kind, name=backbone.name), h_shape=list(h_shape),
         masked_run=_run_summary(run_m), derivative="decoder only (cached encoder skips)",
@@ -68,7 +70,7 @@ def _discover(backbone: Backbone, xt: torch.Tensor, t: int, mask_state: torch.Te
     if mask_state is None:
         settings.update(project_against="none", k_unmasked=None, kind="global", mask_rule=None)
         return Directions(vectors=raw.clone(), raw_vectors=raw, singular_values=run_m.
-                          singular_values, timestep=int(t), num_steps=num_steps,
+                          singular_values, timestep=time_value(t), num_steps=num_steps,
                           settings=settings)
 
     ju, jut = decoder_products(backbone, enc, 1 - mask_state, chunk)
@@ -89,7 +91,8 @@ def _discover(backbone: Backbone, xt: torch.Tensor, t: int, mask_state: torch.Te
                   "projected": {key: v.tolist() for key, v in resp.items()}},
     )
     return Directions(vectors=vectors, raw_vectors=raw, singular_values=run_m.singular_values,
-                      timestep=int(t), num_steps=num_steps, unmasked_vectors=run_u.vectors,
+                      timestep=time_value(t), num_steps=num_steps,
+                      unmasked_vectors=run_u.vectors,
                       unmasked_values=run_u.singular_values, mask=mask_state[0, 0].clone(),
                       settings=settings)
 
@@ -118,7 +121,7 @@ def directions_at(backbone: Backbone, xt: torch.Tensor, t: int, mask: Any | None
     ms = None if mask is None else state_mask(backbone, mask)
     if ms is None:
         cfg = replace(cfg, project_against="none", k_unmasked=None)
-    return _discover(backbone, xt, int(t), ms, cfg, cond, generator, num_steps, {})
+    return _discover(backbone, xt, time_value(t), ms, cfg, cond, generator, num_steps, {})
 
 
 def _inverted(backbone: Backbone, x0: torch.Tensor, cfg: RBEConfig, grid: Grid | int,
