@@ -159,8 +159,9 @@ def test_flow_grid_levels_and_their_checks(bb):
     assert g.nearest(700) in g.timesteps
     t = g.timesteps[3]
     assert g.check(round(t, 12)) == t           # a printed τ names its level
-    with pytest.raises(InputError, match="not on the 10-step flow-matching grid"):
-        g.check(t + 0.5)
+    assert g.check(t + 0.3) == t                # a number names the level nearest to it
+    with pytest.raises(InputError, match="outside the model times 0..1000"):
+        g.check(1000.5)
     with pytest.raises(InputError, match="DDPM quantity"):
         g.alpha_bar(t)
     with pytest.raises(InputError, match="DDIM options"):

@@ -67,7 +67,8 @@ def test_invert_exact_round_trip(files, family, tmp_path):
 def test_curves_and_saliency_map(files, family, tmp_path):
     fast = dict(steps=5, window=2, t_min=0, k=2)
     res = _run("curves", tmp_path / "c", image=files["a"], model=str(files[family]),
-               pixel=((3, 4),), definition="exact" if family == "sd3" else "h", **fast)
+               pixel=((3, 4),), definition="exact" if family == "sd3" else "h",
+               **fast)
     for per in res.settings["fluctuation"].values():
         assert all(np.isfinite(v) and v >= 0 for v in per.values())
     assert res.settings["options"]["t"] == 1000.0   # the top of the flow grid
