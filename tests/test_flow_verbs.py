@@ -34,7 +34,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     m[4:12, 4:12] = 255
     Image.fromarray(m).save(root / "mask.png")
     return {"root": root, "a": root / "a.png", "b": root / "b.png", "mask": root / "mask.png",
-            "sd3": write_sd3(root / "sd3", t5=False, num_layers=3), "flux": write_flux(root / "flux")}
+            "sd3": write_sd3(root / "sd3", t5=False, num_layers=3),
+            "flux": write_flux(root / "flux")}
 
 
 def _run(name: str, out: Path | None, **kw):
