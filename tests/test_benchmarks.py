@@ -40,7 +40,7 @@ SMOKE_TESTED = {
     "benchmarks/recipes/emu_edit_removal.py", "benchmarks/recipes/heldout_scenes.py",
     "benchmarks/recipes/iharmony4_blending.py", "benchmarks/recipes/imagenet_exemplars.py",
     "scripts/build_scenes.py", "scripts/evaluate_default_model.py", "benchmarks/ui_latency.py",
-    "scripts/ui_screenshots.py",
+    "scripts/ui_screenshots.py", "benchmarks/gpu_suite.py", "benchmarks/flow_blocks.py",
 }
 DATA_RECIPES = ("cat2000_saliency", "celebahq_regions", "emu_edit_removal",
                 "iharmony4_blending", "imagenet_exemplars")
