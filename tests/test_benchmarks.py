@@ -409,3 +409,26 @@ def test_ui_screenshots(tiny, tmp_path):
     proc = run("scripts/ui_screenshots.py", "--model", tiny, "--out", out, cwd=tmp_path,
                check=False)
     assert proc.returncode != 0 and "--force" in proc.stderr  # nothing replaced unasked
+
+
+def test_flow_blocks(tmp_path):
+    out = tmp_path / "fb"
+    run("benchmarks/flow_blocks.py", "--blocks", "0,2", "--t", 500, "--k", 2, "--oversample", 1,
+        "--steps", 3, "--max-iter", 2, "--directions", 1, "--threads", 1, "--out", out,
+        cwd=tmp_path)
+    rep = read_json(out / "flow_blocks.json")
+    assert rep["dtype"] == "float32" and rep["device"].startswith("cpu") and rep["date"]
+    assert [m["model"] for m in rep["models"]] == ["tiny-sd3", "tiny-flux"]
+    for m in rep["models"]:
+        assert [r["block"] for r in m["rows"]] == [0, 2] and 0 < m["region_share"] < 1
+        assert_finite(m["rows"], m["model"])
+        for r in m["rows"]:
+            sv = r["singular_values"]
+            assert len(sv) == 2 and sv[0] >= sv[1] > 0, sv
+            for key in ("locality_out", "locality_out_raw", "locality_x0"):
+                assert 0 <= r[key] <= 1, (key, r[key])
+            assert 0 < r["sigma"] < 1 and r["t"] in m["levels"]
+    table = (out / "flow_blocks.md").read_text()
+    assert "| model | block |" in table and rep["date"] in table
+    assert table.count("| tiny-sd3 |") == 2 and table.count("| tiny-flux |") == 2
+    assert "| tiny-flux | single-stream block 1 |" in table

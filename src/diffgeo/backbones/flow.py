@@ -60,15 +60,26 @@ class FlowBackbone(Backbone):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        n = self.num_blocks
-        default = max(0, n // 2 - 1)
-        if h_block is None:
-            h_block = default
-        if isinstance(h_block, bool) or not isinstance(h_block, int) or not 0 <= h_block < n:
-            raise InputError(f"h_block must be an integer in 0..{n - 1} (the transformer "
-                             f"block whose image tokens are h), got {h_block!r}")
-        self.h_block = h_block
+        self.h_block = self.default_h_block if h_block is None else h_block
         self._empty: Conditioning | None = None
+
+    @property
+    def default_h_block(self) -> int:
+        """Block n/2 − 1 of n: the middle in depth (the family modules say why)."""
+        return max(0, self.num_blocks // 2 - 1)
+
+    @property
+    def h_block(self) -> int:
+        """The transformer block whose image tokens are h (0-based, over every block)."""
+        return self._h_block
+
+    @h_block.setter
+    def h_block(self, value: int) -> None:
+        n = self.num_blocks
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+            raise InputError(f"h_block must be an integer in 0..{n - 1} (the transformer "
+                             f"block whose image tokens are h), got {value!r}")
+        self._h_block = value
 
     # ------------------------------------------------------------------ to be provided
     @property
