@@ -12,11 +12,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np
 import pytest
 import torch
+from conftest import _assert_user_error
 from flow_models import write_flux, write_sd3
 from PIL import Image
+from typer.testing import CliRunner
 
 from diffgeo import verbs
 from diffgeo.backbones import load_backbone
+from diffgeo.cli import app
 from diffgeo.editing.pixels import PixelsConfig, pixels_edit
 from diffgeo.sampling import Grid, sample
 
@@ -35,7 +38,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     Image.fromarray(m).save(root / "mask.png")
     return {"root": root, "a": root / "a.png", "b": root / "b.png", "mask": root / "mask.png",
             "sd3": write_sd3(root / "sd3", t5=False, num_layers=3),
-            "flux": write_flux(root / "flux")}
+            "flux": write_flux(root / "flux"),
+            "flux-cfg": write_flux(root / "flux-cfg", guidance_embeds=False)}
 
 
 def _run(name: str, out: Path | None, **kw):
@@ -138,3 +142,77 @@ def test_pixels_binary_map_starts_from_the_surgical_latent(files, family):
     surgical = ((1 - s) * src + s * z1) * m + ((1 - s) * ex + s * z2) * (1 - m)
     assert torch.equal(r.states[0], r.surgical)
     assert torch.allclose(r.surgical, surgical, atol=1e-6)
+
+
+CLI_ENV = {"COLUMNS": "200", "TERMINAL_WIDTH": "200", "HF_HUB_OFFLINE": "1"}
+#: what `info` says h is with --h-block 2 (3 blocks: SD3 0..2; FLUX 1 double + 2 single)
+BLOCK_2 = {"sd3": "h = block 2,", "flux": "h = single-stream block 1,"}
+
+
+def _cli(*args) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args], env=CLI_ENV)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_h_block_on_the_cli(files, family, tmp_path):
+    r = _cli("info", files[family], "--h-block", 2)
+    assert r.exit_code == 0, r.output
+    assert BLOCK_2[family] in r.output
+    default = _cli("info", files[family])
+    assert {"sd3": "h = block 0,", "flux": "h = double-stream block 0,"}[family] in default.output
+    out = tmp_path / "inv"
+    r = _cli("invert", files["a"], "--model", files[family], "--h-block", 2, "--steps", 3,
+             "--t", 1000, "--out", out)
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "settings.json").read_text())
+    assert s["options"]["h_block"] == 2   # read off the backbone that ran
+    plain = _run("invert", None, image=files["a"], model=str(files[family]), steps=3, t=1000)
+    assert plain.settings["options"]["h_block"] == 0   # the default (n/2 - 1), resolved
+
+
+def test_guidance_on_the_cli(files, tmp_path):
+    r = _cli("info", files["flux"], "--guidance", 5)
+    assert r.exit_code == 0, r.output
+    assert "embedded guidance 5.0" in r.output
+    a = load_backbone(files["flux"], guidance=5.0)
+    b = load_backbone(files["flux"])
+    assert b.embedded_guidance == 3.5
+    x = torch.randn(1, *a.state_shape, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(a.velocity(x, 500.0), b.velocity(x, 500.0))   # it reaches the model
+
+
+@pytest.mark.parametrize(("model", "args", "fragments"), [
+    ("sd3", ("--h-block", 3), ("--h-block must be an integer in 0..2",)),
+    ("flux", ("--h-block", 3), ("--h-block must be an integer in 0..2",)),
+    ("sd3", ("--h-block", -1), ("--h-block must be >= 0",)),
+    ("sd3", ("--guidance", 2), ("--guidance", "has no guidance_embeds")),
+    ("flux-cfg", ("--guidance", 2), ("--guidance", "has no guidance_embeds")),
+    ("sd3", ("--guidance", "nan"), ("--guidance must be a finite number",)),
+    ("default", ("--h-block", 0), ("--h-block", "flow-matching transformers", "U-Net")),
+    ("default", ("--guidance", 3), ("--guidance", "flow-matching transformers", "U-Net")),
+])
+def test_bad_h_block_and_guidance_are_refused_before_work(files, model, args, fragments,
+                                                          tmp_path):
+    folder = "default" if model == "default" else files[model]
+    out = tmp_path / "out"
+    r = _cli("invert", files["a"], "--model", folder, "--steps", 3, "--out", out, *args)
+    _assert_user_error(r, *fragments)
+    assert not out.exists()
+
+
+def test_flow_options_are_checked_before_the_weights_are_read(files, monkeypatch):
+    import diffusers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights read before the options were checked")
+
+    monkeypatch.setattr(diffusers.FluxTransformer2DModel, "from_pretrained", refuse)
+    monkeypatch.setattr(diffusers.UNet2DModel, "from_pretrained", refuse)
+    from diffgeo.errors import InputError
+
+    with pytest.raises(InputError, match="h_block must be an integer in 0..2"):
+        load_backbone(files["flux"], h_block=3)
+    with pytest.raises(InputError, match="has no guidance_embeds"):
+        load_backbone(files["flux-cfg"], guidance=2.0)
+    with pytest.raises(InputError, match="U-Net"):
+        load_backbone("default", h_block=0)

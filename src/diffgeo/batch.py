@@ -252,7 +252,7 @@ class Summary:
 
 def _run_job(job: Job, job_dir: Path, partial: bool, shard: Shard, models: dict | None) -> None:
     """Build the job's options (device: the process's unless the job names one) and run its
-    verb into ``job_dir``, on a backbone loaded once per (model, device, dtype)."""
+    verb into ``job_dir``, on a backbone loaded once per model and loading options."""
     from diffgeo.verbs import get
 
     assert job.spec is not None and job.verb is not None
@@ -262,12 +262,13 @@ def _run_job(job: Job, job_dir: Path, partial: bool, shard: Shard, models: dict 
     opts = replace(verb.options.build(values), out=job_dir, force=partial)
     backbone = None
     if models is not None:
-        key = (opts.model, opts.device, str(opts.dtype))
+        load = opts.load_kwargs()
+        key = (opts.model, *load.values())
         if key not in models:
             from diffgeo.backbones import load_backbone
 
             try:
-                models[key] = load_backbone(*key)
+                models[key] = load_backbone(opts.model, **load)
             except Exception:
                 models[key] = None  # let the job itself report the error
         backbone = models[key]

@@ -26,6 +26,7 @@ model times, ᾱ(σ) = (1 − σ)² / ((1 − σ)² + σ²) for σ = k/T, k = 0.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,35 @@ from diffgeo.backbones.base import Backbone, Conditioning, Encoded
 from diffgeo.errors import InputError
 from diffgeo.io.regions import area_resize, as_mask
 from diffgeo.sampling.flow import FlowRule, eps_from_velocity
+
+
+def check_h_block(value: Any, num_blocks: int) -> int:
+    """``value`` as the index of the transformer block whose image tokens are h (0-based over
+    all ``num_blocks`` blocks), or an :class:`InputError` saying what is allowed."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_blocks:
+        raise InputError(f"h_block must be an integer in 0..{num_blocks - 1} (the "
+                         f"transformer block whose image tokens are h), got {value!r}")
+    return value
+
+
+def check_guidance(value: Any, guidance_embeds: bool, model: str) -> float | None:
+    """FLUX's embedded guidance: ``value`` (None: FluxPipeline's default 3.5) for a
+    guidance-distilled transformer (``guidance_embeds``), None for one without; a value given
+    for a model that has no guidance embedding is refused (it would be silently ignored)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not math.isfinite(value)):
+        raise InputError(f"guidance must be a finite number, got {value!r}")
+    if not guidance_embeds:
+        if value is not None:
+            raise InputError(f"guidance (--guidance) is FLUX's embedded guidance of "
+                             f"guidance-distilled models, and {model} has none (its transformer "
+                             "has no guidance_embeds): use classifier-free guidance instead")
+        return None
+    return DEFAULT_EMBEDDED_GUIDANCE if value is None else float(value)
+
+
+#: FluxPipeline's default guidance_scale (the embedded guidance of FLUX.1-dev).
+DEFAULT_EMBEDDED_GUIDANCE = 3.5
 
 
 def vp_equivalent_alphas(num_train_timesteps: int) -> torch.Tensor:
@@ -75,11 +105,7 @@ class FlowBackbone(Backbone):
 
     @h_block.setter
     def h_block(self, value: int) -> None:
-        n = self.num_blocks
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
-            raise InputError(f"h_block must be an integer in 0..{n - 1} (the transformer "
-                             f"block whose image tokens are h), got {value!r}")
-        self._h_block = value
+        self._h_block = check_h_block(value, self.num_blocks)
 
     # ------------------------------------------------------------------ to be provided
     @property
@@ -209,4 +235,5 @@ class FlowBackbone(Backbone):
                        timesteps=tt, x=x, cond=cond, extra=extra)
 
 
-__all__ = ["FlowBackbone", "vp_equivalent_alphas"]
+__all__ = ["DEFAULT_EMBEDDED_GUIDANCE", "FlowBackbone", "check_guidance", "check_h_block",
+           "vp_equivalent_alphas"]

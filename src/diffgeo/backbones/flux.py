@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import torch
 
 from diffgeo.backbones.base import Conditioning, Encoded, prepare_module
-from diffgeo.backbones.flow import FlowBackbone
+from diffgeo.backbones.flow import FlowBackbone, check_guidance
 from diffgeo.errors import InputError
 from diffgeo.sampling.flow import FlowRule
 
@@ -90,7 +90,7 @@ class FluxBackbone(FlowBackbone):
 
     def __init__(self, pipe, *, h_block: int | None = None, name: str = "",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 resolution: int | None = None, guidance: float = 3.5,
+                 resolution: int | None = None, guidance: float | None = None,
                  max_sequence_length: int = 512):
         dev = torch.device(device)
         pipe.transformer = prepare_module(pipe.transformer, dev, dtype)
@@ -113,9 +113,8 @@ class FluxBackbone(FlowBackbone):
                              f"(the vae factor times FLUX's 2x2 packing), got {size!r}")
         side = 2 * (size // (vae_factor * 2))
         self._latent = (side, side)
-        if isinstance(guidance, bool) or not isinstance(guidance, int | float):
-            raise InputError(f"guidance must be a number, got {guidance!r}")
-        self.embedded_guidance = float(guidance) if tr.config.guidance_embeds else None
+        self.embedded_guidance = check_guidance(guidance, bool(tr.config.guidance_embeds),
+                                                name or "this FLUX model")
         self.max_sequence_length = int(max_sequence_length)
         rule = FlowRule.from_config(dict(pipe.scheduler.config), (side // 2) ** 2, "flux")
         super().__init__(tr, pipe.vae, rule, h_block=h_block, name=name, device=device,
@@ -125,6 +124,12 @@ class FluxBackbone(FlowBackbone):
     @property
     def blocks(self) -> list:
         return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
+    @staticmethod
+    def num_blocks_of(config) -> int:
+        """Blocks (double- then single-stream) of the FluxTransformer2DModel a config
+        describes."""
+        return int(config.num_layers) + int(config.num_single_layers)
 
     @property
     def num_blocks(self) -> int:

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -392,11 +393,17 @@ def _resolve(name_or_path: str | os.PathLike, allow_pickle: bool, variant: str |
 
 def load_backbone(name_or_path: Any = DEFAULT_MODEL, device: str | None = None,
                   dtype: torch.dtype | str | None = None, *, allow_pickle: bool = False,
-                  variant: str | None = None, resolution: int | None = None) -> Backbone:
+                  variant: str | None = None, resolution: int | None = None,
+                  h_block: int | None = None, guidance: float | None = None) -> Backbone:
     """Load a pixel DDPM, a Stable Diffusion (1.x/2.x/XL), SD3/SD3.5 or FLUX.1 checkpoint
     (folder or hub id) or the default model — or wrap an already-loaded diffusers pipeline of
     any of these families, using its modules as they are (``device`` / ``dtype`` default to
     the pipeline's; folders and hub ids default to cpu / float32).
+
+    Flow-matching transformers only: ``h_block`` is the block whose image tokens are h (default
+    n/2 − 1), ``guidance`` FLUX's embedded guidance of guidance-distilled models (default 3.5).
+    Both are checked against the model's configs before any weights are read, and refused for
+    U-Net models (and ``guidance`` for a transformer without ``guidance_embeds``).
 
     A pixel network that outputs twice its input's channels predicts ε and a learned variance
     (improved DDPM); its first half is used as ε (DDIM never uses the variance)."""
@@ -404,11 +411,13 @@ def load_backbone(name_or_path: Any = DEFAULT_MODEL, device: str | None = None,
 
     if isinstance(name_or_path, DiffusionPipeline):
         return backbone_from_pipeline(name_or_path, device=device, dtype=dtype,
-                                      resolution=resolution)
+                                      resolution=resolution, h_block=h_block,
+                                      guidance=guidance)
     device = "cpu" if device is None else device
     dtype = torch.float32 if dtype is None else dtype
+    flow = FlowOptions(h_block, guidance)
     bb, rule = _load_with_schedule(name_or_path, device, dtype, allow_pickle, variant,
-                                   resolution)
+                                   resolution, flow)
     bb.grid_rule = rule
     return bb
 
@@ -453,8 +462,8 @@ def _tokenizer(cls: Any, folder: Path, index_file: Path, key: str) -> Any:
 
 
 def _load_with_schedule(name_or_path: str | os.PathLike, device: str, dtype: torch.dtype | str,
-                        allow_pickle: bool, variant: str | None,
-                        resolution: int | None) -> tuple[Backbone, Any]:
+                        allow_pickle: bool, variant: str | None, resolution: int | None,
+                        flow: FlowOptions) -> tuple[Backbone, Any]:
     dtype = resolve_dtype(dtype)
     check_device(device)
     path = _resolve(name_or_path, allow_pickle, variant)
@@ -468,8 +477,9 @@ def _load_with_schedule(name_or_path: str | os.PathLike, device: str, dtype: tor
         index = read_json_file(index_file, "pipeline index")
         if index.get("_class_name") in FLOW_PIPELINES:
             bb = _load_flow(path, index, index_file, name, device, dtype, kw, allow_pickle,
-                            variant, resolution)
+                            variant, resolution, flow)
             return bb, bb.grid_rule
+        flow.refuse(name)
         unet_cls = _index_entry(index, "unet", index_file)
         vae_cls = _index_entry(index, "vae", index_file)
         sched_file = path / "scheduler" / "scheduler_config.json"
@@ -505,12 +515,55 @@ def _load_with_schedule(name_or_path: str | os.PathLike, device: str, dtype: tor
 
         from diffgeo.backbones.pixel import PixelBackbone
 
+        flow.refuse(name)
         pred, ac, rule = _schedule(sched_file)
         unet = _diffusers_part(UNet2DModel, path, None, kw, allow_pickle, variant,
                                "UNet2DModel", _pixel_check)
         return PixelBackbone(unet, ac, pred, name=name, device=device, dtype=dtype), rule
     raise ModelNotFoundError(f"{path} is not a model folder: it has neither model_index.json "
                              "nor config.json")
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """What only flow-matching transformers take when loaded: the h block and FLUX's embedded
+    guidance (:func:`load_backbone`'s ``h_block`` / ``guidance``; None: the model's default)."""
+
+    h_block: int | None = None
+    guidance: float | None = None
+
+    def refuse(self, name: str) -> None:
+        """Refuse them for a U-Net model (before its weights are read)."""
+        given = [f"{k} (--{k.replace('_', '-')})" for k in ("h_block", "guidance")
+                 if getattr(self, k) is not None]
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise InputError(f"{' and '.join(given)} {verb} to flow-matching transformers (SD3, "
+                             f"FLUX) only; the model {name} is a U-Net")
+
+    def check(self, config: Any, family: str, name: str) -> None:
+        """Check them against a transformer's config (the meta model's: defaults filled in)."""
+        from diffgeo.backbones.flow import check_guidance, check_h_block
+
+        if self.h_block is not None:
+            check_h_block(self.h_block, _flow_backbone(family).num_blocks_of(config))
+        check_guidance(self.guidance, bool(getattr(config, "guidance_embeds", False)), name)
+
+    def backbone_kwargs(self, family: str) -> dict[str, Any]:
+        kw: dict[str, Any] = {"h_block": self.h_block}
+        if family == "FluxPipeline":
+            kw["guidance"] = self.guidance
+        return kw
+
+
+def _flow_backbone(pipe_name: str) -> Any:
+    if pipe_name == "FluxPipeline":
+        from diffgeo.backbones.flux import FluxBackbone
+
+        return FluxBackbone
+    from diffgeo.backbones.sd3 import SD3Backbone
+
+    return SD3Backbone
 
 
 #: pipeline class -> (transformer class, text encoder slots (encoder, tokenizer, required))
@@ -525,12 +578,11 @@ FLOW_PIPELINES: dict[str, tuple[str, tuple[tuple[str, str, bool], ...]]] = {
 
 def _load_flow(path: Path, index: dict, index_file: Path, name: str, device: str,
                dtype: torch.dtype, kw: dict, allow_pickle: bool, variant: str | None,
-               resolution: int | None) -> Backbone:
+               resolution: int | None, flow: FlowOptions) -> Backbone:
     """An SD3 or FLUX pipeline folder: every part checked as the U-Net folders' are, then
     assembled into the diffusers pipeline class the index names (so prompt encoding is the
     pipeline's own) and wrapped."""
     import diffusers
-    import transformers
 
     pipe_name = index["_class_name"]
     tr_name, slots = FLOW_PIPELINES[pipe_name]
@@ -544,46 +596,61 @@ def _load_flow(path: Path, index: dict, index_file: Path, name: str, device: str
         raise ModelNotFoundError(f"scheduler config not found: {sched_file}")
     read_json_file(sched_file, "scheduler config")
     parts: dict[str, Any] = {
-        "transformer": _diffusers_part(getattr(diffusers, tr_name), path, "transformer", kw,
-                                       allow_pickle, variant, "transformer"),
+        # the flow options checked on the transformer's config, before any weights are read
+        "transformer": _diffusers_part(
+            getattr(diffusers, tr_name), path, "transformer", kw, allow_pickle, variant,
+            "transformer", lambda config, cfg_file, cfg: flow.check(config, pipe_name, name)),
         "vae": _diffusers_part(diffusers.AutoencoderKL, path, "vae", kw, allow_pickle, variant,
                                "vae"),
         "scheduler": diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
             path, subfolder="scheduler"),
     }
     for enc_key, tok_key, required in slots:
-        enc_name = _index_entry(index, enc_key, index_file)
-        tok_name = _index_entry(index, tok_key, index_file)
-        if enc_name is None or not (path / enc_key).is_dir():
-            if required:
-                raise ModelNotFoundError(f"{index_file}: a {pipe_name} needs its {enc_key} "
-                                         f"({path / enc_key} is missing)")
-            parts[enc_key] = parts[tok_key] = None
-            continue
-        if tok_name is None:
-            raise InputError(f"{index_file} names a {enc_key} but no {tok_key}")
-        classes = []
-        for key, cls_name in ((enc_key, enc_name), (tok_key, tok_name)):
-            cls = getattr(transformers, cls_name, None)
-            if not hasattr(cls, "from_pretrained"):
-                raise InputError(f"{index_file} gives {key} as {cls_name!r}, which is not a "
-                                 f"class of transformers {transformers.__version__}")
-            classes.append(cls)
-        parts[enc_key] = _transformers_part(classes[0], path / enc_key, dtype, allow_pickle,
-                                            enc_key)
-        parts[tok_key] = _tokenizer(classes[1], path / tok_key, index_file, tok_key)
+        text = _text_parts(path, index, index_file, enc_key, tok_key, dtype, allow_pickle)
+        if text is None and required:
+            raise ModelNotFoundError(f"{index_file}: a {pipe_name} needs its {enc_key} "
+                                     f"({path / enc_key} is missing)")
+        parts.update(text or {enc_key: None, tok_key: None})
     pipe_cls = getattr(diffusers, pipe_name)
     optional = {k: None for k in getattr(pipe_cls, "_optional_components", []) if k not in parts}
     return backbone_from_pipeline(pipe_cls(**parts, **optional), device=device, dtype=dtype,
-                                  resolution=resolution, name=name)
+                                  resolution=resolution, name=name, h_block=flow.h_block,
+                                  guidance=flow.guidance)
+
+
+def _text_parts(path: Path, index: dict, index_file: Path, enc_key: str, tok_key: str,
+                dtype: torch.dtype, allow_pickle: bool) -> dict[str, Any] | None:
+    """A text encoder and its tokenizer as model_index.json names them (None: no encoder in
+    the index or no folder for it), every file checked first."""
+    import transformers
+
+    enc_name = _index_entry(index, enc_key, index_file)
+    if enc_name is None or not (path / enc_key).is_dir():
+        return None
+    tok_name = _index_entry(index, tok_key, index_file)
+    if tok_name is None:
+        raise InputError(f"{index_file} names a {enc_key} but no {tok_key}")
+    classes = []
+    for key, cls_name in ((enc_key, enc_name), (tok_key, tok_name)):
+        cls = getattr(transformers, cls_name, None)
+        if not hasattr(cls, "from_pretrained"):
+            raise InputError(f"{index_file} gives {key} as {cls_name!r}, which is not a "
+                             f"class of transformers {transformers.__version__}")
+        classes.append(cls)
+    return {enc_key: _transformers_part(classes[0], path / enc_key, dtype, allow_pickle,
+                                        enc_key),
+            tok_key: _tokenizer(classes[1], path / tok_key, index_file, tok_key)}
 
 
 def backbone_from_pipeline(pipe: Any, *, device: str | None = None,
                            dtype: torch.dtype | str | None = None,
-                           resolution: int | None = None, name: str = "") -> Backbone:
+                           resolution: int | None = None, name: str = "",
+                           h_block: int | None = None,
+                           guidance: float | None = None) -> Backbone:
     """A backbone over an already-loaded diffusers pipeline's own modules (SD3, FLUX, SD/SDXL,
     pixel DDPM). ``device`` / ``dtype`` default to the pipeline's; modules are moved and cast
-    in place when they differ (a pipeline object is the caller's: say so in the docs)."""
+    in place when they differ (a pipeline object is the caller's: say so in the docs).
+    ``h_block`` / ``guidance`` as in :func:`load_backbone`."""
     cls = type(pipe).__name__
     first = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     if first is None:
@@ -594,15 +661,14 @@ def backbone_from_pipeline(pipe: Any, *, device: str | None = None,
     dt = p.dtype if dtype is None else resolve_dtype(dtype)
     check_device(dev)
     name = name or getattr(getattr(pipe, "config", None), "_name_or_path", "") or cls
-    if cls == "StableDiffusion3Pipeline" or (cls not in FLOW_PIPELINES and hasattr(
-            pipe, "text_encoder_3")):
-        from diffgeo.backbones.sd3 import SD3Backbone
-
-        return SD3Backbone(pipe, name=name, device=dev, dtype=dt, resolution=resolution)
-    if cls == "FluxPipeline":
-        from diffgeo.backbones.flux import FluxBackbone
-
-        return FluxBackbone(pipe, name=name, device=dev, dtype=dt, resolution=resolution)
+    flow = FlowOptions(h_block, guidance)
+    family = cls if cls in FLOW_PIPELINES else (
+        "StableDiffusion3Pipeline" if hasattr(pipe, "text_encoder_3") else None)
+    if family is not None:
+        flow.check(first.config, family, name)
+        return _flow_backbone(family)(pipe, name=name, device=dev, dtype=dt,
+                                      resolution=resolution, **flow.backbone_kwargs(family))
+    flow.refuse(name)
     cfg = dict(pipe.scheduler.config)
     pred, ac, rule = _schedule_config(cfg, f"{cls}.scheduler")
     if getattr(pipe, "vae", None) is not None and getattr(pipe, "unet", None) is not None:
@@ -644,24 +710,8 @@ def _load_latent(path: Path, index: dict, index_file: Path, pred: str, ac: torch
                            "unet", unet_check)
     vae = _diffusers_part(AutoencoderKL, path, "vae", kw, allow_pickle, variant, "vae")
     parts: dict = {}
-    import transformers
-
     for enc_key, tok_key in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-        enc_name = _index_entry(index, enc_key, index_file)
-        if enc_name is None or not (path / enc_key).is_dir():
-            continue
-        tok_name = _index_entry(index, tok_key, index_file)
-        if tok_name is None:
-            raise InputError(f"{index_file} names a {enc_key} but no {tok_key}")
-        classes = []
-        for key, cls_name in ((enc_key, enc_name), (tok_key, tok_name)):
-            cls = getattr(transformers, cls_name, None)
-            if not hasattr(cls, "from_pretrained"):
-                raise InputError(f"{index_file} gives {key} as {cls_name!r}, which is not a "
-                                 f"class of transformers {transformers.__version__}")
-            classes.append(cls)
-        parts[enc_key] = _transformers_part(classes[0], path / enc_key, dtype, allow_pickle,
-                                            enc_key)
-        parts[tok_key] = _tokenizer(classes[1], path / tok_key, index_file, tok_key)
+        parts.update(_text_parts(path, index, index_file, enc_key, tok_key, dtype,
+                                 allow_pickle) or {})
     return LatentBackbone(unet, vae, ac, prediction_type=pred, name=name, device=device,
                           dtype=dtype, resolution=resolution, **parts)

@@ -53,6 +53,11 @@ class SD3Backbone(FlowBackbone):
         rule = FlowRule.from_config(dict(pipe.scheduler.config), tokens, "scheduler")
         super().__init__(tr, vae, rule, h_block=h_block, name=name, device=device, dtype=dtype)
 
+    @staticmethod
+    def num_blocks_of(config) -> int:
+        """Blocks of the SD3Transformer2DModel a config describes."""
+        return int(config.num_layers)
+
     @property
     def num_blocks(self) -> int:
         return len(self.transformer.transformer_blocks)

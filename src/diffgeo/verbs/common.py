@@ -32,7 +32,7 @@ def backbone_for(opts: ModelOptions, backbone: Backbone | None = None) -> Backbo
     if backbone is None:
         from diffgeo.backbones import load_backbone
 
-        backbone = load_backbone(opts.model, device=opts.device, dtype=str(opts.dtype))
+        backbone = load_backbone(opts.model, **opts.load_kwargs())
     opts.check_dtype(DType(str(backbone.dtype)))
     return backbone
 
@@ -98,6 +98,11 @@ def base_settings(verb: str, opts: ModelOptions, bb: Backbone, grid: Grid | None
     actually runs), and what ran: model, device, dtype, grid, versions."""
     from dataclasses import replace
 
+    # a flow model's h block and embedded guidance as they ran (defaults resolved)
+    for name, value in (("h_block", getattr(bb, "h_block", None)),
+                        ("guidance", getattr(bb, "embedded_guidance", None))):
+        if value is not None:
+            resolved.setdefault(name, value)
     used = replace(opts, device=str(bb.device), dtype=DType(str(bb.dtype)), **resolved)
     s: dict[str, Any] = {"verb": verb, "options": used.to_dict(),
                          "model": bb.name or opts.model, "device": str(bb.device),

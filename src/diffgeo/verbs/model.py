@@ -47,7 +47,7 @@ def info(opts: InfoOptions, backbone: Backbone | None = None,
     if backbone is None:
         from diffgeo.backbones import load_backbone
 
-        backbone = load_backbone(opts.model, device=opts.device, dtype=str(opts.dtype),
+        backbone = load_backbone(opts.model, **opts.load_kwargs(),
                                  allow_pickle=opts.allow_pickle)
     s = backbone.summary()
     lines = ([json.dumps(s.__dict__, indent=2, default=list)] if opts.as_json else s.lines())

@@ -356,6 +356,11 @@ FORCE_HELP = "Overwrite files that already exist in --out."
 SEED_HELP = "Seed of every random draw (same seed, same output)."
 STEPS_HELP = "DDIM steps over the full 0..T-1 range (the grid)."
 PROMPT_HELP = "Text prompt (conditional models; empty by default)."
+H_BLOCK_HELP = ("Flow-matching transformers (SD3, FLUX): the block whose image tokens are h, "
+                "0-based over all blocks (FLUX: double- then single-stream); default the middle, "
+                "n/2 - 1. `diffgeo info` names the block.")
+GUIDANCE_HELP = ("FLUX's embedded guidance of guidance-distilled models (FLUX.1-dev; default "
+                 "3.5); refused for models without a guidance embedding.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -365,10 +370,18 @@ class ModelOptions(Options):
     model: str = option("default", MODEL_HELP)
     device: str = option("cpu", DEVICE_HELP)
     dtype: DType = option(DType.float32, DTYPE_HELP)
+    h_block: int | None = option(None, H_BLOCK_HELP, check=at_least(0))
+    guidance: float | None = option(None, GUIDANCE_HELP, check=finite_above(0))
 
     def validate(self) -> None:
         super().validate()
         self.check_dtype(self.dtype)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """What ``load_backbone(self.model, **...)`` takes from these options (and what a
+        loaded backbone is shared by: batch caches one per model and these)."""
+        return dict(device=self.device, dtype=str(self.dtype), h_block=self.h_block,
+                    guidance=self.guidance)
 
     def check_dtype(self, dtype: DType) -> None:
         """Derivatives need float32/float64 (DESIGN.md §2): half precision is refused for a
