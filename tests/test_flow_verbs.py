@@ -13,12 +13,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import _assert_user_error
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from flow_models import write_flux, write_sd3
 from PIL import Image
 from typer.testing import CliRunner
 
 from diffgeo import verbs
 from diffgeo.backbones import load_backbone
+from diffgeo.backbones.flow import FlowBackbone
+from diffgeo.backbones.flux import FluxBackbone
+from diffgeo.backbones.sd3 import SD3Backbone
 from diffgeo.cli import app
 from diffgeo.editing.pixels import PixelsConfig, pixels_edit
 from diffgeo.sampling import Grid, sample
@@ -40,6 +44,26 @@ def files(tmp_path_factory) -> dict[str, Path]:
             "sd3": write_sd3(root / "sd3", t5=False, num_layers=3),
             "flux": write_flux(root / "flux"),
             "flux-cfg": write_flux(root / "flux-cfg", guidance_embeds=False)}
+
+
+@pytest.fixture(scope="module")
+def models(files) -> dict[str, FlowBackbone]:
+    """One backbone per family for the method verbs, passed in as batch and the web app pass
+    theirs (the folder-loading path is what the info, invert and CLI tests run). Prompts are
+    padded to 16 text tokens instead of the pipelines' 256 (SD3) / 512 (FLUX): joint attention
+    over ~32 tokens instead of ~300 is most of these tests' time, and no claim here depends on
+    the padding (generation against the pipelines' defaults is test_sd3's and test_flux's)."""
+    sd3 = StableDiffusion3Pipeline.from_pretrained(files["sd3"], text_encoder_3=None,
+                                                   tokenizer_3=None)
+    return {"sd3": SD3Backbone(sd3, name=str(files["sd3"]), max_sequence_length=16),
+            "flux": FluxBackbone(FluxPipeline.from_pretrained(files["flux"]),
+                                 name=str(files["flux"]), max_sequence_length=16)}
+
+
+@pytest.fixture(scope="module")
+def on(files, models):
+    """The options and backbone of a family's method-verb run: ``_run(..., **on("sd3"))``."""
+    return lambda family: dict(model=str(files[family]), backbone=models[family])
 
 
 def _run(name: str, out: Path | None, **kw):
@@ -69,15 +93,15 @@ def test_invert_exact_round_trip(files, family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_curves_and_saliency_map(files, family, tmp_path):
+def test_curves_and_saliency_map(files, on, family, tmp_path):
     fast = dict(steps=5, window=2, t_min=0, k=2)
-    res = _run("curves", tmp_path / "c", image=files["a"], model=str(files[family]),
+    res = _run("curves", tmp_path / "c", image=files["a"], **on(family),
                pixel=((3, 4),), definition="exact" if family == "sd3" else "h",
                **fast)
     for per in res.settings["fluctuation"].values():
         assert all(np.isfinite(v) and v >= 0 for v in per.values())
     assert res.settings["options"]["t"] == 1000.0   # the top of the flow grid
-    sal = _run("saliency-map", tmp_path / "s", image=files["a"], model=str(files[family]),
+    sal = _run("saliency-map", tmp_path / "s", image=files["a"], **on(family),
                **fast)
     assert sal.saliency.shape[-2:] == (8, 8) and bool(torch.isfinite(sal.saliency).all())
     assert float(sal.saliency.std()) > 0
@@ -85,9 +109,9 @@ def test_curves_and_saliency_map(files, family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("verb", ["transfer", "remove"])
-def test_curve_matching_edits(files, family, verb, tmp_path):
+def test_curve_matching_edits(files, on, family, verb, tmp_path):
     extra = {"reference": (2, 12)} if verb == "transfer" else {}
-    _run(verb, tmp_path / "e", image=files["a"], model=str(files[family]), steps=8, t=500,
+    _run(verb, tmp_path / "e", image=files["a"], **on(family), steps=8, t=500,
          iterations=2, mask=files["mask"], **extra)
     rows = list(csv.DictReader((tmp_path / "e" / "history.csv").open()))
     assert rows and all(np.isfinite(float(r["loss"])) for r in rows)
@@ -97,15 +121,15 @@ def test_curve_matching_edits(files, family, verb, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_directions_then_apply(files, family, tmp_path):
-    d = _run("directions", tmp_path / "d", image=files["a"], model=str(files[family]), steps=8,
+def test_directions_then_apply(files, on, family, tmp_path):
+    d = _run("directions", tmp_path / "d", image=files["a"], **on(family), steps=8,
              t=500, k=2, mask=files["mask"])
     sv = d.settings["singular_values"]
     assert len(sv) == 2 and sv[0] >= sv[1] > 0
-    a = _run("apply", tmp_path / "a", image=files["a"], model=str(files[family]),
+    a = _run("apply", tmp_path / "a", image=files["a"], **on(family),
              directions=tmp_path / "d", index=0, strength=(-10.0, 0.0, 10.0))
     # α = 0 is plain generation from the inverted state, bit for bit
-    bb = load_backbone(files[family])
+    bb = on(family)["backbone"]
     g = Grid.for_model(bb, 8).up_to(a.edit.timestep)
     assert torch.equal(a.edit.states[1:2], sample(bb, a.edit.xt, g).last)
     assert a.settings["locality"][1]["mse_inside"] <= 1e-10   # (VAE decode batch round-off)
@@ -113,21 +137,21 @@ def test_directions_then_apply(files, family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_exemplar_and_inpaint(files, family, tmp_path):
+def test_exemplar_and_inpaint(files, on, family, tmp_path):
     r = _run("exemplar", tmp_path / "x", source=files["a"], exemplar=(files["b"],),
-             map=(files["mask"],), model=str(files[family]), steps=5, strength=0.6)
+             map=(files["mask"],), **on(family), steps=5, strength=0.6)
     assert r.image.shape == (1, 3, 16, 16) and bool(torch.isfinite(r.image).all())
-    i = _run("inpaint", tmp_path / "i", image=files["a"], model=str(files[family]), steps=5,
+    i = _run("inpaint", tmp_path / "i", image=files["a"], **on(family), steps=5,
              box=(4, 4, 12, 12))
     assert np.isfinite(i.settings["locality"]["mse_inside"])
     assert i.settings["locality"]["mse_outside"] == 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pixels_binary_map_starts_from_the_surgical_latent(files, family):
+def test_pixels_binary_map_starts_from_the_surgical_latent(models, family):
     """As on U-Nets: with a binary map, step 0 pins (1 − σ)·x + σ·z of the source inside and of
     the exemplar outside (the flow's forward process)."""
-    bb = load_backbone(files[family])
+    bb = models[family]
     g = torch.Generator().manual_seed(1)
     src = torch.randn(1, *bb.state_shape, generator=g)
     ex = torch.randn(1, *bb.state_shape, generator=g)
