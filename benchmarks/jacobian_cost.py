@@ -29,14 +29,17 @@ def sync(device: str) -> None:
 
 
 def measure(bb, device: str, reps: int, k: int) -> dict:
+    """Median seconds of each product and its multiple of a plain forward pass, in the
+    backbone's dtype (its states and directions are drawn in it)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, *bb.state_shape, generator=g).to(device)
-    v = torch.randn(x.shape, generator=g).to(device)
+    x = torch.randn(1, *bb.state_shape, generator=g).to(device, bb.dtype)
+    v = torch.randn(x.shape, generator=g).to(x)
     with torch.no_grad():
         e = bb.eps(x, 500)
         h = bb.h(x, 500)
-    ue, uh = torch.randn_like(e), torch.randn_like(h)
-    V = torch.randn(k, *x.shape, generator=g).to(device)
+    ue = torch.randn(e.shape, generator=g).to(e)
+    uh = torch.randn(h.shape, generator=g).to(h)
+    V = torch.randn(k, *x.shape, generator=g).to(x)
 
     def fwd():
         with torch.no_grad():

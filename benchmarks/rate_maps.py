@@ -1,8 +1,8 @@
 """Whole-image generation-rate maps against the per-pixel JVP loop the papers imply.
 
     python benchmarks/rate_maps.py [--threads 1] [--reps 1] [--models default random64]
-        [--pixels-subset N] [--t 500] [--k 3] [--oversample 4] [--target-rel-std 0.1]
-        [--json FILE]
+        [--pixels-subset N] [--t 500] [--k 3] [--oversample 4] [--basis-max-iter N]
+        [--target-rel-std 0.1] [--json FILE]
 
 DESIGN.md §4: a projected rate map costs k JVPs after the tangent basis (the k×k Gram form of
 ``diffgeo.maps``), and the unprojected ‖D h[e_i]‖ map costs K probe VJPs (or nothing beyond the
@@ -86,10 +86,16 @@ def model_and_state(name: str, args: argparse.Namespace
         g = torch.Generator().manual_seed(args.seed)
         x0 = torch.rand(1, *bb.state_shape, generator=g) * 2 - 1
         what = "uniform random image"
-    x0 = x0.to(bb.device, bb.dtype)
+    return (bb, *state_at(bb, x0, args.t, args.steps), what)
+
+
+def state_at(bb: Backbone, x0: torch.Tensor, t: int, steps: int
+             ) -> tuple[torch.Tensor, int | None]:
+    """The DDIM-inversion state at t of the state x0 (``steps`` over the timesteps) and the
+    level its generation step lands on."""
     with torch.no_grad():
-        traj = sampling.invert(bb, x0, args.t, args.steps)
-    return bb, traj.at(args.t), previous_level(bb, traj, args.t), what
+        traj = sampling.invert(bb, x0.to(bb.device, bb.dtype), t, steps)
+    return traj.at(t), previous_level(bb, traj, t)
 
 
 def subset_directions(bb: Backbone, cells: torch.Tensor) -> torch.Tensor:
@@ -130,11 +136,18 @@ def rel_errors(fast: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    bb, x, t_prev, what = model_and_state(name, args)
+    return measure_at(name, *model_and_state(name, args), args)
+
+
+def measure_at(name: str, bb: Backbone, x: torch.Tensor, t_prev: int | None, what: str,
+               args: argparse.Namespace) -> dict[str, Any]:
+    """Every estimator against the per-pixel loop at the state x (at ``args.t``), with the
+    settings of ``args`` (this script's options)."""
     t = args.t
     C, h, w = bb.state_shape
     n_cells = h * w
-    subset = args.pixels_subset if args.pixels_subset is not None else DEFAULT_SUBSET[name]
+    subset = (args.pixels_subset if args.pixels_subset is not None
+              else DEFAULT_SUBSET.get(name, 512))
     if subset is not None and (subset <= 0 or subset >= n_cells):
         subset = None
     cells = None
@@ -170,7 +183,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     for rep in range(args.reps):
         basis, s = timed(lambda: tangent_basis(bb, x, t, k=args.k, oversample=args.oversample,
-                                               chunk=args.chunk))
+                                               max_iter=args.basis_max_iter, chunk=args.chunk))
         basis_secs.append(s)
         if rep == 0:
             print(f"basis: {s:.2f} s, {basis.iterations} passes, {basis.settings['jvps']} JVPs + "
@@ -265,6 +278,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps over the 1000 timesteps")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--oversample", type=int, default=4)
+    ap.add_argument("--basis-max-iter", type=int, default=None,
+                    help="cap on the tangent basis' power-iteration passes (default: its own)")
     ap.add_argument("--target-rel-std", type=float, default=0.1,
                     help="per-cell relative std the probe estimator is sized for")
     ap.add_argument("--probes", type=int, default=None,
