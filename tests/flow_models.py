@@ -1,4 +1,5 @@
-"""Tiny randomly initialised flow-matching pipelines (SD3, FLUX) written as diffusers folders.
+"""Tiny randomly initialised flow-matching pipelines (SD3, FLUX) written as diffusers folders,
+and the numerical helpers the flow tests share.
 
 Plain functions (no fixtures): test modules wrap them in their own session/module fixtures.
 Every model is built from a config under a fixed seed and saved with ``save_pretrained``, so
@@ -17,6 +18,58 @@ SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                       base_shift=0.5, max_shift=1.15, base_image_seq_len=4,
                       max_image_seq_len=64)
+T_EVAL = 612.5  # a model time between the levels of the test grids
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def richardson(f, x: torch.Tensor, v: torch.Tensor, step: float = 1e-3) -> torch.Tensor:
+    """Df(x)[v] by Richardson-extrapolated central differences (error ~1e-11 in float64)."""
+    from diffgeo.jacobian import finite_difference
+
+    return (4 * finite_difference(f, x, v, step / 2) - finite_difference(f, x, v, step)) / 3
+
+
+def check_state_derivatives(bb64, output: str, seeds: tuple[int, int, int]) -> None:
+    """float64 JVP of ``output`` ("eps" / "h") w.r.t. the state against :func:`richardson`,
+    and the VJP against it by the adjoint identity ⟨Jᵀu, v⟩ = ⟨u, Jv⟩."""
+    from diffgeo import jacobian as J
+
+    x = torch.randn(2, *bb64.state_shape, generator=gen(seeds[0]), dtype=torch.float64)
+    v = torch.randn(x.shape, generator=gen(seeds[1]), dtype=torch.float64)
+    c = bb64.condition("a cat")
+    rich = richardson(J.output_fn(bb64, T_EVAL, c, output), x, v)
+    y, jv = J.jvp(bb64, x, v, T_EVAL, c, output=output)
+    assert rel(jv, rich) <= 1e-9, rel(jv, rich)
+    u = torch.randn(y.shape, generator=gen(seeds[2]), dtype=torch.float64)
+    _, g = J.vjp(bb64, x, u, T_EVAL, c, output=output)
+    lhs, rhs = float((g * v).sum()), float((u * jv).sum())
+    assert abs(lhs - rhs) <= 1e-10 * abs(rhs)
+
+
+def check_h_split(b, block: int, seed: int):
+    """With h at ``block``: ε from the unmodified h is ε bit for bit, and h is the image-token
+    output of the transformer's own block (a forward hook as the oracle). Returns (x, c, enc)."""
+    b.h_block = block
+    x = torch.randn(2, *b.state_shape, generator=gen(seed))
+    c = b.condition("a dog")
+    enc = b.encode(x, T_EVAL, c)
+    assert torch.equal(b.eps_from_h(x, T_EVAL, enc.h, c, encoded=enc), b.eps(x, T_EVAL, c))
+    seen = {}
+    hook = b.blocks[block].register_forward_hook(
+        lambda m, a, out: seen.update(h=out[1]))  # returns None: the output is kept
+    b.velocity(x, T_EVAL, c)
+    hook.remove()
+    assert torch.equal(enc.h, seen["h"])
+    return x, c, enc
+
+
 TEXT_KW = dict(vocab_size=100, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-from flow_models import write_sd3
+from flow_models import gen, rel, write_sd3
 
 from diffgeo.backbones import load_backbone
 from diffgeo.errors import InputError
@@ -21,14 +21,6 @@ from diffgeo.sampling.flow import (
 
 DYNAMIC = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                max_shift=1.15, base_image_seq_len=4, max_image_seq_len=64)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 @pytest.fixture(scope="module")

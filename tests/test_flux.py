@@ -8,23 +8,12 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from diffusers.models.transformers import transformer_flux
-from flow_models import write_flux
+from flow_models import T_EVAL, check_h_split, check_state_derivatives, gen, rel, write_flux
 
-from diffgeo import jacobian as J
 from diffgeo.backbones import load_backbone
 from diffgeo.backbones.flux import FluxBackbone, rope_in_input_dtype
 from diffgeo.errors import InputError
 from diffgeo.sampling import Grid, Guidance, invert, sample
-
-T_EVAL = 612.5
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +73,7 @@ def test_pipeline_object_and_summary(folders, bb):
 @pytest.mark.parametrize("block", [0, 1, 2])
 def test_eps_from_unmodified_h_is_eps_over_both_block_kinds(folders, block):
     b = load_backbone(folders["distilled"])
-    b.h_block = block
-    x = torch.randn(2, *b.state_shape, generator=gen(2))
-    c = b.condition("a dog")
-    enc = b.encode(x, T_EVAL, c)
-    assert torch.equal(b.eps_from_h(x, T_EVAL, enc.h, c, encoded=enc), b.eps(x, T_EVAL, c))
-    seen = {}
-    hook = b.blocks[block].register_forward_hook(
-        lambda m, a, out: seen.update(h=out[1]))  # returns None: the output is kept
-    b.velocity(x, T_EVAL, c)
-    hook.remove()
-    assert torch.equal(enc.h, seen["h"])
+    check_h_split(b, block, seed=2)
     assert b.describe_h_block() == ("double-stream block 0" if block == 0
                                     else f"single-stream block {block - 1}")
 
@@ -126,21 +105,6 @@ def test_rope_patch_is_scoped_and_float64_reaches_round_off(bb64):
     assert rel(sample(bb64, inv.last, g, cond=c).last, x) <= 1e-11
 
 
-def _central(f, x, v, s):
-    with torch.no_grad():
-        return (f(x + s * v) - f(x - s * v)) / (2 * s)
-
-
 @pytest.mark.parametrize("output", ["eps", "h"])
 def test_float64_jvp_and_vjp_through_rotary_joint_attention(bb64, output):
-    x = torch.randn(2, *bb64.state_shape, generator=gen(4), dtype=torch.float64)
-    v = torch.randn(x.shape, generator=gen(5), dtype=torch.float64)
-    c = bb64.condition("a cat")
-    f = J.output_fn(bb64, T_EVAL, c, output)
-    s = 1e-3
-    rich = (4 * _central(f, x, v, s / 2) - _central(f, x, v, s)) / 3
-    y, jv = J.jvp(bb64, x, v, T_EVAL, c, output=output)
-    assert rel(jv, rich) <= 1e-9, rel(jv, rich)
-    u = torch.randn(y.shape, generator=gen(6), dtype=torch.float64)
-    _, gx = J.vjp(bb64, x, u, T_EVAL, c, output=output)
-    assert abs(float((gx * v).sum()) - float((u * jv).sum())) <= 1e-10 * abs(float((u * jv).sum()))
+    check_state_derivatives(bb64, output, seeds=(4, 5, 6))

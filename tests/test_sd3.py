@@ -6,22 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
-from flow_models import write_sd3
+from flow_models import (
+    T_EVAL,
+    check_h_split,
+    check_state_derivatives,
+    gen,
+    rel,
+    richardson,
+    write_sd3,
+)
 
-from diffgeo import jacobian as J
 from diffgeo.backbones import load_backbone
 from diffgeo.backbones.sd3 import SD3Backbone
 from diffgeo.errors import InputError
-
-T_EVAL = 612.5
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +67,8 @@ def test_conditioning_is_the_pipelines_encode_prompt(folder, bb):
 @pytest.mark.parametrize("block", [0, 1, 2])
 def test_eps_from_unmodified_h_is_eps_and_h_is_the_blocks_image_tokens(folder, block):
     b = load_backbone(StableDiffusion3Pipeline.from_pretrained(folder))
-    b.h_block = block
-    x = torch.randn(2, *b.state_shape, generator=gen(1))
-    c = b.condition("a dog")
-    enc = b.encode(x, T_EVAL, c)
-    assert torch.equal(b.eps_from_h(x, T_EVAL, enc.h, c, encoded=enc), b.eps(x, T_EVAL, c))
-    # h is what the transformer's own block `block` hands on (a forward hook as the oracle)
-    seen = {}
-    hook = b.transformer.transformer_blocks[block].register_forward_hook(
-        lambda m, a, out: seen.update(h=out[1]))  # returns None: the output is kept
-    b.velocity(x, T_EVAL, c)
-    hook.remove()
-    assert torch.equal(enc.h, seen["h"])
+    x, c, enc = check_h_split(b, block, seed=1)
+    assert b.blocks[block] is b.transformer.transformer_blocks[block]
     # an edited h changes ε (a constant shift would not: every block LayerNorms its tokens)
     dh = 0.1 * torch.randn(enc.h.shape, generator=gen(7))
     bump = b.eps_from_h(x, T_EVAL, enc.h + dh, c, encoded=enc)
@@ -105,26 +92,9 @@ def test_token_region_covers_patch_times_vae_factor_pixels(bb):
     assert bb.state_region(m).shape == (1, 1, 8, 8)
 
 
-def _central(f, x, v, s):
-    with torch.no_grad():
-        return (f(x + s * v) - f(x - s * v)) / (2 * s)
-
-
 @pytest.mark.parametrize("output", ["eps", "h"])
 def test_float64_jvp_and_vjp_through_joint_attention(bb64, output):
-    """Richardson-extrapolated central differences in float64 (error ~1e-11)."""
-    x = torch.randn(2, *bb64.state_shape, generator=gen(2), dtype=torch.float64)
-    v = torch.randn(x.shape, generator=gen(3), dtype=torch.float64)
-    c = bb64.condition("a cat")
-    f = J.output_fn(bb64, T_EVAL, c, output)
-    s = 1e-3
-    rich = (4 * _central(f, x, v, s / 2) - _central(f, x, v, s)) / 3
-    y, jv = J.jvp(bb64, x, v, T_EVAL, c, output=output)
-    assert rel(jv, rich) <= 1e-9, rel(jv, rich)
-    u = torch.randn(y.shape, generator=gen(4), dtype=torch.float64)
-    _, g = J.vjp(bb64, x, u, T_EVAL, c, output=output)
-    lhs, rhs = float((g * v).sum()), float((u * jv).sum())
-    assert abs(lhs - rhs) <= 1e-10 * abs(rhs)
+    check_state_derivatives(bb64, output, seeds=(2, 3, 4))
 
 
 def test_derivative_with_respect_to_h_matches_differences(bb64):
@@ -138,9 +108,7 @@ def test_derivative_with_respect_to_h_matches_differences(bb64):
 
     with bb64.derivative_mode():
         _, jv = torch.func.jvp(f, (enc.h,), (dh,))
-    s = 1e-3
-    rich = (4 * _central(f, enc.h, dh, s / 2) - _central(f, enc.h, dh, s)) / 3
-    assert rel(jv, rich) <= 1e-9
+    assert rel(jv, richardson(f, enc.h, dh)) <= 1e-9
 
 
 def test_time_is_a_model_time_in_0_T(bb):

@@ -68,6 +68,11 @@ def check_guidance(value: Any, guidance_embeds: bool, model: str) -> float | Non
 DEFAULT_EMBEDDED_GUIDANCE = 3.5
 
 
+def vae_scale_factor(vae) -> int:
+    """Image pixels per latent cell (side) of an AutoencoderKL, as the pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def vp_equivalent_alphas(num_train_timesteps: int) -> torch.Tensor:
     s = torch.arange(num_train_timesteps, dtype=torch.float64) / num_train_timesteps
     return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
@@ -87,7 +92,7 @@ class FlowBackbone(Backbone):
         self.grid_rule = rule
         self.transformer, self.vae = transformer, vae
         self.name = name
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(vae)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.h_block = self.default_h_block if h_block is None else h_block
@@ -109,13 +114,24 @@ class FlowBackbone(Backbone):
 
     # ------------------------------------------------------------------ to be provided
     @property
-    def num_blocks(self) -> int:
+    def blocks(self) -> list:
+        """The transformer blocks in the order h counts them."""
         raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
 
     @property
     def token_grid(self) -> tuple[int, int]:
         """(rows, cols) of the image-token grid."""
         raise NotImplementedError
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        # ``_latent``: the (h, w) latent grid, set by the family's constructor
+        f = self.vae_scale_factor
+        return (self._latent[0] * f, self._latent[1] * f)
 
     @property
     def token_pixels(self) -> int:
@@ -203,6 +219,12 @@ class FlowBackbone(Backbone):
     def _encode_prompt(self, prompt: str) -> Conditioning:
         raise NotImplementedError
 
+    def conditioning(self, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+                     prompt: str) -> Conditioning:
+        """What a pipeline's ``encode_prompt`` returned, as the transformer's conditioning."""
+        return Conditioning(encoder_hidden_states=prompt_embeds.to(self.dtype),
+                            added={"pooled_projections": pooled.to(self.dtype)}, prompt=prompt)
+
     def _cond(self, cond: Conditioning | None, batch: int) -> Conditioning:
         return (cond if cond is not None else self.empty()).expand(batch)
 
@@ -236,4 +258,4 @@ class FlowBackbone(Backbone):
 
 
 __all__ = ["DEFAULT_EMBEDDED_GUIDANCE", "FlowBackbone", "check_guidance", "check_h_block",
-           "vp_equivalent_alphas"]
+           "vae_scale_factor", "vp_equivalent_alphas"]

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import torch
 
 from diffgeo.backbones.base import Conditioning, Encoded, prepare_module
-from diffgeo.backbones.flow import FlowBackbone, check_guidance
+from diffgeo.backbones.flow import FlowBackbone, check_guidance, vae_scale_factor
 from diffgeo.errors import InputError
 from diffgeo.sampling.flow import FlowRule
 
@@ -102,7 +102,7 @@ class FluxBackbone(FlowBackbone):
             setattr(pipe, key, prepare_module(m, dev, dtype))
         self.pipe = pipe
         tr = pipe.transformer
-        vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        vae_factor = vae_scale_factor(pipe.vae)
         # the VAE's configured image size (1024 on FLUX.1, as FluxPipeline's default)
         size = resolution if resolution is not None else pipe.vae.config.sample_size
         if isinstance(size, list | tuple):
@@ -132,17 +132,8 @@ class FluxBackbone(FlowBackbone):
         return int(config.num_layers) + int(config.num_single_layers)
 
     @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    @property
     def state_shape(self) -> tuple[int, ...]:
         return (int(self.transformer.config.in_channels) // 4, *self._latent)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        f = self.vae_scale_factor
-        return (self._latent[0] * f, self._latent[1] * f)
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -163,8 +154,7 @@ class FluxBackbone(FlowBackbone):
         with torch.no_grad():
             pe, pooled, _ = self.pipe.encode_prompt(
                 prompt, None, device=self.device, max_sequence_length=self.max_sequence_length)
-        return Conditioning(encoder_hidden_states=pe.to(self.dtype),
-                            added={"pooled_projections": pooled.to(self.dtype)}, prompt=prompt)
+        return self.conditioning(pe, pooled, prompt)
 
     # ------------------------------------------------------------------ the model
     def model_time(self, tt: torch.Tensor) -> torch.Tensor:

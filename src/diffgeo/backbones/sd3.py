@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from diffgeo.backbones.base import Conditioning, Encoded, prepare_module
-from diffgeo.backbones.flow import FlowBackbone
+from diffgeo.backbones.flow import FlowBackbone, vae_scale_factor
 from diffgeo.errors import InputError
 from diffgeo.sampling.flow import FlowRule
 
@@ -40,7 +40,7 @@ class SD3Backbone(FlowBackbone):
         pipe.transformer, pipe.vae = tr, vae
         self.pipe = pipe
         self.patch = int(tr.config.patch_size)
-        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        vae_factor = vae_scale_factor(vae)
         latent = int(tr.config.sample_size)
         if resolution is not None:
             if resolution % (vae_factor * self.patch):
@@ -59,17 +59,12 @@ class SD3Backbone(FlowBackbone):
         return int(config.num_layers)
 
     @property
-    def num_blocks(self) -> int:
-        return len(self.transformer.transformer_blocks)
+    def blocks(self) -> list:
+        return list(self.transformer.transformer_blocks)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
         return (int(self.transformer.config.in_channels), *self._latent)
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        f = self.vae_scale_factor
-        return (self._latent[0] * f, self._latent[1] * f)
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -81,8 +76,7 @@ class SD3Backbone(FlowBackbone):
             pe, _, pooled, _ = self.pipe.encode_prompt(
                 prompt, None, None, device=self.device, do_classifier_free_guidance=False,
                 max_sequence_length=self.max_sequence_length)
-        return Conditioning(encoder_hidden_states=pe.to(self.dtype),
-                            added={"pooled_projections": pooled.to(self.dtype)}, prompt=prompt)
+        return self.conditioning(pe, pooled, prompt)
 
     # ------------------------------------------------------------------ the model
     def native(self, x, t, cond=None):
@@ -101,7 +95,7 @@ class SD3Backbone(FlowBackbone):
         hs = tr.pos_embed(x).contiguous()
         temb = tr.time_text_embed(self.model_time(tt), c.added["pooled_projections"])
         stream = tr.context_embedder(c.encoder_hidden_states)
-        for block in tr.transformer_blocks[: self.h_block + 1]:
+        for block in self.blocks[: self.h_block + 1]:
             stream, hs = block(hidden_states=hs, encoder_hidden_states=stream, temb=temb)
         return self.new_encoded(hs, stream, temb, tt, x, c)
 
@@ -109,7 +103,7 @@ class SD3Backbone(FlowBackbone):
         tr = self.transformer
         hs, stream = h, (enc.skips[0] if enc.skips else None)
         feats = []
-        for block in tr.transformer_blocks[self.h_block + 1:]:
+        for block in self.blocks[self.h_block + 1:]:
             stream, hs = block(hidden_states=hs, encoder_hidden_states=stream, temb=enc.emb)
             feats.append(hs)
         out = tr.proj_out(tr.norm_out(hs, enc.emb))
