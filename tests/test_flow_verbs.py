@@ -240,3 +240,15 @@ def test_flow_options_are_checked_before_the_weights_are_read(files, monkeypatch
         load_backbone(files["flux-cfg"], guidance=2.0)
     with pytest.raises(InputError, match="U-Net"):
         load_backbone("default", h_block=0)
+
+
+def test_pipeline_objects_take_the_flow_options(models):
+    from diffgeo.errors import InputError
+
+    pipe = models["flux"].pipe
+    assert load_backbone(pipe, h_block=2, guidance=4.0).summary().kind.endswith(
+        "h = single-stream block 1, token grid 4x4 of 4px), embedded guidance 4.0")
+    with pytest.raises(InputError, match="h_block must be an integer in 0..2"):
+        load_backbone(pipe, h_block=3)
+    with pytest.raises(InputError, match="has no guidance_embeds"):
+        load_backbone(models["sd3"].pipe, guidance=2.0)
