@@ -170,45 +170,24 @@ class Suite:
                                "image_size": [H, W], "state_shape": list(bb.state_shape),
                                "region": "centred square, half the side",
                                "target_300_seconds": TARGET_300_SECONDS}
-        md = []
+        md: list[str] = []
+        errors: dict[str, str] = {}
         for mode in ("fast", "faithful"):
             cfg = CurveMatchingConfig(loss="minimize", mode=mode, iterations=n,
                                       num_steps=self.p.num_steps, seed=0)
-            limit = share[mode] * scale
-            res, stamps, t0, end = self._observed(
-                lambda cfg=cfg: curve_matching(bb, image, region, cfg), limit, n,
-                observe_iterations)
-            stopped = res is None
-            ran = len(stamps)
-            per_it = (statistics.mean(np.diff(stamps)) if ran >= 2
-                      else (stamps[0] - t0) if ran else math.nan)
-            first = stamps[0] - t0 if ran else math.nan  # setup + iteration 0
-            row: dict[str, Any] = {
-                "mode": mode, "pairs_per_iteration": cfg.batch, "iterations_run": ran,
-                "stopped_at_budget": stopped, "budget_s": limit,
-                "seconds_to_first_iteration": first, "seconds_per_iteration": per_it,
-                "seconds_per_pair": per_it / cfg.batch, "seconds_measured": end - t0}
-            if stopped:
-                # setup + iteration 0, then the mean later iteration for the rest; the final
-                # decode (a path walk and the VAE) did not run and is not counted
-                row["seconds_300_extrapolated"] = first + (n - 1) * per_it
-                row["seconds_total"] = row["seconds_300_extrapolated"]
-            else:
-                row["seconds_total"] = end - t0
-            if res is not None:
-                row["final_loss"] = float(np.mean(res.losses[-10:]))
-                cost = getattr(res, "cost", None) or res.settings.get("cost")
-                if cost:
-                    row["cost"] = cost
-                    print(f"  {mode} cost breakdown: {json.dumps(cost)}", flush=True)
-            out[mode] = row
-            how = (f"extrapolated from {ran} iterations (stopped at its {limit:.0f} s budget; "
-                   "final decode not counted)" if stopped else f"measured, {ran} iterations")
-            line = (f"{mode} ({cfg.batch} pair(s)/iteration): {per_it:.3f} s/iteration, "
-                    f"{per_it / cfg.batch:.3f} s/pair, setup + first iteration {first:.1f} s; "
-                    f"{n} iterations: {row['seconds_total']:.1f} s ({how})")
+            try:  # each mode on its own: an out-of-memory fast mode must not lose faithful's
+                out[mode], line = self._curve_run(
+                    mode, cfg, lambda cfg=cfg: curve_matching(bb, image, region, cfg),
+                    share[mode] * scale, n, observe_iterations)
+            except Exception as exc:
+                errors[mode] = traceback.format_exc()
+                line = f"{mode}: failed: {type(exc).__name__}: {exc}"
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
             print("  " + line, flush=True)
             md.append(f"- {line}")
+        if errors:
+            raise PartsFailed(out, md, errors)
         f, g = out["fast"], out["faithful"]
         out["faithful_over_fast_per_iteration"] = g["seconds_per_iteration"] / f[
             "seconds_per_iteration"]
@@ -230,6 +209,39 @@ class Suite:
                     md.append(f"- {m} cost breakdown (`result.cost`): "
                               f"`{json.dumps(out[m]['cost'])}`")
         return out, md
+
+    def _curve_run(self, mode: str, cfg: Any, run: Callable[[], Any], limit: float, n: int,
+                   observe_iterations: Callable) -> tuple[dict[str, Any], str]:
+        """One curve-matching run stopped at ``limit`` seconds: its row and a line to print."""
+        res, stamps, t0, end = self._observed(run, limit, n, observe_iterations)
+        stopped = res is None
+        ran = len(stamps)
+        per_it = (statistics.mean(np.diff(stamps)) if ran >= 2
+                  else (stamps[0] - t0) if ran else math.nan)
+        first = stamps[0] - t0 if ran else math.nan  # setup + iteration 0
+        row: dict[str, Any] = {
+            "mode": mode, "pairs_per_iteration": cfg.batch, "iterations_run": ran,
+            "stopped_at_budget": stopped, "budget_s": limit,
+            "seconds_to_first_iteration": first, "seconds_per_iteration": per_it,
+            "seconds_per_pair": per_it / cfg.batch, "seconds_measured": end - t0}
+        if stopped:
+            # setup + iteration 0, then the mean later iteration for the rest; the final
+            # decode (a path walk and the VAE) did not run and is not counted
+            row["seconds_300_extrapolated"] = first + (n - 1) * per_it
+            row["seconds_total"] = row["seconds_300_extrapolated"]
+        else:
+            row["seconds_total"] = end - t0
+            row["final_loss"] = float(np.mean(res.losses[-10:]))
+            cost = getattr(res, "cost", None) or res.settings.get("cost")
+            if cost:
+                row["cost"] = cost
+                print(f"  {mode} cost breakdown: {json.dumps(cost)}", flush=True)
+        how = (f"extrapolated from {ran} iterations (stopped at its {limit:.0f} s budget; "
+               "final decode not counted)" if stopped else f"measured, {ran} iterations")
+        line = (f"{mode} ({cfg.batch} pair(s)/iteration): {per_it:.3f} s/iteration, "
+                f"{per_it / cfg.batch:.3f} s/pair, setup + first iteration {first:.1f} s; "
+                f"{n} iterations: {row['seconds_total']:.1f} s ({how})")
+        return row, line
 
     def _observed(self, run: Callable[[], Any], limit: float, n: int,
                   observe_iterations: Callable) -> tuple[Any, list[float], float, float]:

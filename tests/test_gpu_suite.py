@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,28 @@ def test_a_failing_section_or_part_is_reported_and_the_others_run(tmp_path, monk
     text = md.read_text()
     assert "planted failure of section d" in text and "planted profiler failure" in text
     assert "JVP vs central finite differences" in text
+
+
+def test_a_run_past_its_budget_is_stopped_and_extrapolated(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_suite
+
+    # fast mode gets no time: it stops after its first iteration; faithful runs all three
+    monkeypatch.setattr(gpu_suite, "SMOKE", replace(gpu_suite.SMOKE, budget_fast=1e-6))
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--smoke", "--sections", "a",
+                                      "--out", str(tmp_path)])
+    gpu_suite.main()
+    md, js = outputs(tmp_path)
+    a = read_json(js)["sections"]["a"]
+    assert a["status"] == "ok", a.get("error")
+    fast, faithful = a["data"]["fast"], a["data"]["faithful"]
+    assert fast["stopped_at_budget"] and fast["iterations_run"] == 1
+    # one iteration: setup + iteration 0 stands in for each of the n
+    n = a["data"]["iterations_wanted"]
+    assert fast["seconds_total"] == pytest.approx(n * fast["seconds_to_first_iteration"])
+    assert "final_loss" not in fast
+    assert not faithful["stopped_at_budget"] and faithful["iterations_run"] == n
+    assert "extrapolated from 1 iterations" in md.read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
