@@ -152,7 +152,7 @@ torch.version.cuda, 'available', torch.cuda.is_available(), '| numpy', numpy.__v
   echo "installing ${#wheels[@]} wheel(s) into $SITE: $(for w in "${wheels[@]}"; do
     basename "$w" | cut -d- -f1-2; done | tr '\n' ' ')"
   "$PYTHON" -m pip install -q --no-deps --no-index --no-compile --no-cache-dir --upgrade \
-    --disable-pip-version-check --target "$SITE" "${wheels[@]}"
+    --disable-pip-version-check --root-user-action=ignore --target "$SITE" "${wheels[@]}"
   export PYTHONPATH="$ROOT/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
   export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_VERBOSITY=error \
     PYTHONUNBUFFERED=1 TQDM_DISABLE=1
