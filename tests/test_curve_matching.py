@@ -15,6 +15,7 @@ from diffgeo.editing.curve_matching import (
     FAST_PIXELS_PER_ITERATION,
     FAST_REFRESH_DRIFT,
     CurveMatchingConfig,
+    PathCache,
     blended_decode,
     curve_matching,
     full_path,
@@ -378,6 +379,10 @@ def test_full_path_passes_through_x_t(pixel_bb):
     (dict(loss="minimize", refresh_drift=float("inf")), "refresh_drift"),
     (dict(loss="minimize", refresh_drift="0.1"), "refresh_drift"),
     (dict(loss="minimize", mode="faithful", refresh_drift=0.05), "fast mode only"),
+    (dict(loss="minimize", pairs_per_jvp=0), "pairs_per_jvp"),
+    (dict(loss="minimize", pairs_per_jvp=True), "pairs_per_jvp"),
+    (dict(loss="minimize", walk_dtype="float64"), "walk_dtype"),
+    (dict(loss="minimize", walk_dtype="half-ish"), "walk_dtype"),
 ])
 def test_bad_settings(pixel_bb, kwargs, match):
     with pytest.raises(InputError, match=match):
@@ -491,3 +496,99 @@ def test_default_t_lands_on_the_models_grid(pixel_bb, sd_bb):
     with pytest.raises(InputError, match=r"t=700 is not on the 10-step leading grid \(offset 1"):
         curve_matching(sd_bb, _image(), REGION,
                        CurveMatchingConfig(t=700, num_steps=10, loss="minimize"))
+
+
+# ------------------------------------------------------------------- cost settings and accounting
+def test_path_cache_extended_in_pieces_is_the_single_walk(pixel_bb):
+    """A lazily extended path holds exactly the states of one walk from X_t (DDIM steps are
+    one-step maps), and counts one network call per level it walked."""
+    grid = Grid.for_model(pixel_bb, 10)
+    x = sampling.invert(pixel_bb, _image(), 500, grid).last
+    whole = full_path(pixel_bb, x, 500, grid, None)
+    cache = PathCache(pixel_bb, x, 500, grid, None)
+    levels = list(grid)
+    below, above = [lv for lv in levels if lv < 500], [lv for lv in levels if lv > 500]
+    cache.extend([below[-2]])
+    assert cache.steps == 2 and min(cache.states) == below[-2]
+    cache.extend([below[0], above[1]])
+    assert cache.steps == len(below) + 2
+    cache.extend([above[0]])  # held already: no call
+    assert cache.steps == len(below) + 2
+    cache.complete()
+    assert cache.steps == len(levels) - 1
+    assert sorted(cache.states) == sorted(whole)
+    assert all(torch.equal(cache.states[lv], whole[lv]) for lv in whole)
+
+
+def test_cost_counts_every_walk_step(pixel_bb):
+    """Faithful mode walks from X_t to the farthest sampled level on each side every iteration:
+    the recorded steps are exactly those level counts; fast mode with a drift re-walk every
+    iteration walks no more than the sampled levels need."""
+    grid = Grid.for_model(pixel_bb, 10)
+    levels = list(grid)
+    cfg = dict(t=500, num_steps=10, iterations=4, loss="minimize", seed=5, localized=False,
+               pixels_per_iteration=3, lr=0.1, refresh_every=50)
+    res = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(mode="faithful", **cfg))
+
+    def needed(tks):
+        i = levels.index(500)
+        return (i - min(levels.index(tk) for tk in tks + [500])
+                + max(levels.index(tk) for tk in tks + [500]) - i)
+
+    expected = [needed([s["t_k"] for s in h["samples"]]) for h in res.history]
+    assert [h["walk_steps"] for h in res.history] == expected
+    assert res.cost["walk_steps"] == sum(expected) and res.cost["rewalk_steps"] == 0
+    assert res.cost["path_steps"] == len(levels) - 1
+    phases = res.cost["phases"]
+    assert {"setup", "walk", "derivative", "backward", "update", "decode"} <= set(phases)
+    assert phases["derivative"]["entries"] == phases["backward"]["entries"] == 4
+    assert all(p["seconds"] >= 0 for p in phases.values())
+    drift = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(
+        mode="fast", refresh_drift=1e-9, **cfg))
+    rewalks = [h["walk_steps"] for h in drift.history]
+    assert rewalks[0] == 0  # the original path is whole
+    assert rewalks[1:] == [needed([s["t_k"] for s in h["samples"]])
+                           for h in drift.history[1:]]
+    assert drift.cost["rewalk_steps"] == sum(rewalks)
+    assert "settings" not in drift.cost and "cost" not in drift.settings
+
+
+def test_pairs_per_jvp_chunks_give_the_same_run(bb64):
+    """Differentiating the pairs a chunk at a time sums the same gradient: same draws, same
+    losses and state up to the rounding of the summation order (float64, so that Adam's
+    normalised steps cannot amplify it into the compared digits). Without the feature term:
+    at the first iteration X_tk is the original path's state, where |U(X_tk) − U(X^orig_tk)|
+    sits on its kink and the rounding of a batch-size-dependent convolution picks the sign of
+    its gradient."""
+    cfg = dict(t=500, num_steps=10, iterations=3, loss="saliency", seed=2, lr=0.05,
+               pixels_per_iteration=4, localized=False, feature_weight=0.0)
+    img = _image(dtype=torch.float64)
+    whole = curve_matching(bb64, img, REGION, CurveMatchingConfig(**cfg))
+    chunked = curve_matching(bb64, img, REGION, CurveMatchingConfig(pairs_per_jvp=3, **cfg))
+    assert chunked.cost["phases"]["derivative"]["entries"] == 6  # chunks of 3 and 1, 3 times
+    assert [s["t_k"] for h in chunked.history for s in h["samples"]] == \
+        [s["t_k"] for h in whole.history for s in h["samples"]]
+    assert chunked.losses == pytest.approx(whole.losses, rel=1e-10)
+    assert torch.allclose(chunked.state, whole.state, rtol=0, atol=1e-10)
+
+
+def test_low_precision_walks_leave_the_derivative_in_float32(pixel_bb):
+    """bfloat16 walks change ΔX by bfloat16 rounding only (8-bit mantissa: ~0.4% per
+    operation); the state, the rates and the update stay float32."""
+    cfg = dict(t=500, num_steps=10, iterations=3, loss="minimize", seed=1, localized=False,
+               mode="faithful")
+    ref = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(**cfg))
+    low = curve_matching(pixel_bb, _image(), REGION,
+                         CurveMatchingConfig(walk_dtype="bfloat16", **cfg))
+    assert low.state.dtype == torch.float32
+    assert [s["t_k"] for h in low.history for s in h["samples"]] == \
+        [s["t_k"] for h in ref.history for s in h["samples"]]
+    assert low.losses != ref.losses  # the walks did run in bfloat16
+    assert low.losses == pytest.approx(ref.losses, rel=5e-2)
+    x = ref.state
+    with torch.no_grad():
+        exact = walk_to(pixel_bb, x, 500, [100], 10, None)[100] - x
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rough = walk_to(pixel_bb, x, 500, [100], 10, None)[100] - x
+    assert rough.dtype == torch.float32
+    assert float((rough - exact).norm() / exact.norm()) < 2e-2

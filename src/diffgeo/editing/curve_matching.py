@@ -44,10 +44,21 @@ from diffgeo.curves import pixel_direction, rates_at
 from diffgeo.errors import InputError
 from diffgeo.io.regions import region_pixels
 from diffgeo.jacobian import jvp
+from diffgeo.runtime import resolve_dtype
 from diffgeo.sampling import Grid, Step, generate, invert, sample, walk
+from diffgeo.timing import PhaseClock
 
 LOSSES = ("match", "minimize", "saliency")
 MODES = ("fast", "faithful")
+WALK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The phases of a run that ``CurveMatchingResult.cost`` times: inversion and the original path
+#: with its curves (setup); per iteration the derivative-free path walk (faithful mode's walk to
+#: the sampled levels, fast mode's refresh walks), fast mode's drift re-walks (extended only as
+#: far as the sampled levels need), the curves a refresh recomputes, the rates' batched JVP with
+#: the loss (derivative), the backward pass through it, and Adam with the blends (update); then
+#: snapshots and the final decode.
+PHASES = ("setup", "walk", "re-walk", "curves", "derivative", "backward", "update",
+          "snapshots", "decode")
 #: Pairs per iteration in fast mode: one batched JVP for all of them (4 pairs cost 1.1x one pair
 #: per iteration on the default model on a 2-core CPU, benchmarks/curve_matching_speed.py), a
 #: quarter of the gradient variance of the paper's single pair.
@@ -59,6 +70,13 @@ FAST_REFRESH_DRIFT = 0.05
 PAPER_T = 700
 #: Iterations of a config that names none (semantic transfer and removal, §5; App. D).
 DEFAULT_ITERATIONS = 300
+
+
+def _walk_dtype(name: Any) -> Any:
+    try:
+        return resolve_dtype(name)
+    except InputError:
+        return None
 
 
 @dataclass
@@ -78,7 +96,14 @@ class CurveMatchingConfig:
     Without ``localized`` nothing is blended, neither X_t nor the decode. ``t=None`` takes the
     model's grid point nearest the paper's 700 (:meth:`on_grid`). ``iterations=None``
     takes the task's default (:data:`DEFAULT_ITERATIONS`; the saliency and blending presets in
-    ``tasks`` use the paper's 70 and 100)."""
+    ``tasks`` use the paper's 70 and 100).
+
+    Cost settings (ours; they change no formula): ``walk_dtype`` (``"bfloat16"``/``"float16"``;
+    ``None``: the model's dtype) runs the derivative-free walks of the iterations (ΔX, refreshes,
+    re-walks) under autocast in that precision — the derivative and the update stay in the
+    model's dtype; ``pairs_per_jvp`` (``None``: all pairs at once) splits the iteration's pairs
+    into chunks of that many, each differentiated and back-propagated on its own with the
+    gradients summed, which bounds the memory of reverse-over-forward at the same result."""
 
     t: int | None = None
     num_steps: int = 50
@@ -98,6 +123,8 @@ class CurveMatchingConfig:
     snapshot_every: int = 0
     pixels_per_iteration: int | None = None
     match_outside_stats: bool = False
+    walk_dtype: str | None = None
+    pairs_per_jvp: int | None = None
     seed: int = 0
 
     @property
@@ -155,6 +182,13 @@ class CurveMatchingConfig:
         if not 0 <= self.feature_weight < float("inf"):
             raise InputError(f"feature_weight must be a finite number >= 0, got "
                              f"{self.feature_weight}")
+        ppj = self.pairs_per_jvp
+        if ppj is not None and (isinstance(ppj, bool) or not isinstance(ppj, int) or ppj < 1):
+            raise InputError(f"pairs_per_jvp must be an integer >= 1 (or None: all pairs in one "
+                             f"JVP), got {ppj!r}")
+        if self.walk_dtype is not None and _walk_dtype(self.walk_dtype) not in WALK_DTYPES:
+            raise InputError(f"walk_dtype must be float32, bfloat16 or float16 (or None: the "
+                             f"model's dtype), got {self.walk_dtype!r}")
         if self.mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.loss not in LOSSES:
@@ -176,6 +210,10 @@ class CurveMatchingResult:
     reference_curve: torch.Tensor | None
     snapshots: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: Where the run's time went: ``{"phases": {phase: {"seconds", "entries"}}, "walk_steps",
+    #: "rewalk_steps", "path_steps"}`` (see :data:`PHASES`). Not in ``settings``: it varies from
+    #: run to run.
+    cost: dict[str, Any] = field(default_factory=dict)
 
     @property
     def losses(self) -> list[float]:
@@ -207,28 +245,55 @@ def curve_of(backbone: Backbone, path: dict[int, torch.Tensor], pixel: Sequence[
                         for t in sorted(path)]).float().cpu()
 
 
+class PathCache:
+    """The DDIM path 𝒳(X_t) through one state, walked only as far as it has been asked for.
+
+    Extending it continues the walk from the farthest state held on that side, so a state read
+    from the cache is the one a single walk from X_t would reach (the DDIM and flow steps are
+    one-step maps: a step depends on its input state and level only). ``steps`` counts the
+    network calls its walks made.
+    """
+
+    def __init__(self, backbone: Backbone, x: torch.Tensor, t: int, grid: Grid,
+                 cond: Conditioning | None) -> None:
+        self.backbone, self.t, self.grid, self.cond = backbone, t, grid, cond
+        self.states: dict[int, torch.Tensor] = {t: x}
+        self.steps = 0
+
+    def _walk(self, start: int, target: int) -> None:
+        walked = walk(self.backbone, self.states[start], start, target, self.grid, self.cond)
+        self.steps += len(walked) - 1
+        self.states.update(walked)
+
+    def extend(self, targets: Sequence[int]) -> PathCache:
+        """Walk on (down and/or up) until every target level is held."""
+        lowest, highest = min(targets), max(targets)
+        if lowest < min(self.states):
+            self._walk(min(self.states), lowest)
+        if highest > max(self.states):
+            self._walk(max(self.states), highest)
+        return self
+
+    def complete(self) -> PathCache:
+        """The whole path, from the bottom to the top of the grid."""
+        return self.extend([self.grid.bottom, self.grid.top])
+
+    def __getitem__(self, level: int) -> torch.Tensor:
+        return self.extend([level]).states[level]
+
+
 def full_path(backbone: Backbone, x_t: torch.Tensor, t: int, grid: Grid | int,
               cond: Conditioning | None) -> dict[int, torch.Tensor]:
     """𝒳(X_t): every grid state, from the bottom to the top of the grid, through X_t."""
-    grid = Grid.resolve(backbone, grid)
-    path = walk(backbone, x_t, t, grid.bottom, grid, cond)
-    path.update(walk(backbone, x_t, t, grid.top, grid, cond))
-    return path
+    return PathCache(backbone, x_t, t, Grid.resolve(backbone, grid), cond).complete().states
 
 
 def walk_to(backbone: Backbone, x: torch.Tensor, t: int, targets: Sequence[int],
-             grid: Grid | int, cond: Conditioning | None) -> dict[int, torch.Tensor]:
+            grid: Grid | int, cond: Conditioning | None) -> dict[int, torch.Tensor]:
     """The DDIM path from X_t to every target level: one walk down to the lowest target below
     t and one up to the highest above it, so a batch of targets costs no more than the
     farthest one on each side."""
-    grid = Grid.resolve(backbone, grid)
-    out = {t: x}
-    lowest, highest = min(targets), max(targets)
-    if lowest < t:
-        out.update(walk(backbone, x, t, lowest, grid, cond))
-    if highest > t:
-        out.update(walk(backbone, x, t, highest, grid, cond))
-    return out
+    return PathCache(backbone, x, t, Grid.resolve(backbone, grid), cond).extend(targets).states
 
 
 def _sample_t(curve: torch.Tensor, timesteps: list[int], gen: torch.Generator) -> int:
@@ -338,7 +403,8 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
     cfg = cfg.on_grid(grid)  # t on the grid, before any work
     gen = torch.Generator().manual_seed(cfg.seed)
     dev, dt = backbone.device, backbone.dtype
-    with torch.no_grad():
+    clock = PhaseClock(dev)
+    with clock.phase("setup"), torch.no_grad():
         x0 = backbone.to_state(image.to(dev, dt))
         x_orig = invert(backbone, x0, cfg.t, grid, cond).last
     mask = backbone.state_region(region)
@@ -348,22 +414,59 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         (p == np.asarray(reference_pixel)).all() for p in pixels)
     a_pixel = tuple(int(v) for v in pixels[int(torch.randint(len(pixels), (1,), generator=gen))])
 
-    orig_path = full_path(backbone, x_orig, cfg.t, grid, cond)
-    timesteps = sorted(orig_path)
-    region_before = curve_of(backbone, orig_path, a_pixel, cond)
-    c_ref = (curve_of(backbone, orig_path, reference_pixel, cond)
-             if reference_pixel is not None else None)
+    with clock.phase("setup"):
+        orig_path = full_path(backbone, x_orig, cfg.t, grid, cond)
+        timesteps = sorted(orig_path)
+        region_before = curve_of(backbone, orig_path, a_pixel, cond)
+        c_ref = (curve_of(backbone, orig_path, reference_pixel, cond)
+                 if reference_pixel is not None else None)
     c_a = region_before
     feats_orig: dict[int, list[torch.Tensor]] = {}
 
+    def pair_losses(x_k: torch.Tensor, tks: list[int], ps: list[tuple[int, int]]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rates, losses) of a chunk of pairs, differentiable w.r.t. X_t."""
+        v = torch.stack([pixel_direction(backbone, p) for p in ps])
+        r = rates_batch(backbone, x_k, tks, v, cond)
+        js = [timesteps.index(tk) for tk in tks]
+        if cfg.loss == "match":
+            assert c_ref is not None
+            return r, (r - c_ref[js].to(r)).abs()
+        if cfg.loss == "minimize":
+            return r, r.abs()
+        per_pair = cfg.lambda1 * r.clamp_min(1e-12) ** cfg.lambda2
+        if cfg.feature_weight:
+            for tk in set(tks) - set(feats_orig):
+                with torch.no_grad():
+                    feats_orig[tk] = backbone.features(orig_path[tk], tk, cond)
+            feats = backbone.features(x_k, torch.as_tensor(tks), cond.expand(
+                len(tks)) if cond is not None else None)
+            per_pair = per_pair + cfg.feature_weight * sum(
+                (a - torch.cat([feats_orig[tk][n] for tk in tks])).abs().flatten(1).mean(1)
+                for n, a in enumerate(feats))
+        return r, per_pair
+
     x = x_orig.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr)
-    path = orig_path
+    path = PathCache(backbone, x_orig, cfg.t, grid, cond)
+    path.states = orig_path
     history: list[dict[str, Any]] = []
     snapshots: list[tuple[int, torch.Tensor]] = []
     x_refreshed, refreshes = x_orig, 0
+    walk_steps = rewalk_steps = 0
     tolerance = cfg.drift_tolerance
     observers = _observers.get()
+    chunk = cfg.pairs_per_jvp or cfg.batch
+    walk_dtype = dt if cfg.walk_dtype is None else resolve_dtype(cfg.walk_dtype)
+
+    @contextlib.contextmanager
+    def walking(phase: str) -> Iterator[None]:
+        # Derivative-free walks only: autocast never reaches the JVP, the loss or the update.
+        with clock.phase(phase), torch.no_grad(), (
+                torch.autocast(dev.type, dtype=walk_dtype) if walk_dtype != dt
+                else contextlib.nullcontext()):
+            yield
+
     for it in tqdm(range(cfg.budget), desc=f"curve matching ({cfg.loss})",
                    disable=not progress):
         # How far X_t has moved since the path was last computed: fast mode's ΔX error grows
@@ -371,69 +474,74 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         drift = float((x.detach() - x_refreshed).norm() / x_refreshed.norm().clamp_min(1e-12))
         periodic = it > 0 and it % cfg.refresh_every == 0
         # A drift refresh renews only what goes stale with the move (the path, hence fast
-        # mode's ΔX); the curves that steer sampling keep the paper's schedule.
+        # mode's ΔX); the curves that steer sampling keep the paper's schedule. It walks only
+        # as far as the levels sampled until the next refresh need (PathCache).
         rewalk = not periodic and it > 0 and tolerance > 0 and drift > tolerance
         if periodic or rewalk:
-            with torch.no_grad():
-                path = full_path(backbone, x.detach(), cfg.t, grid, cond)
-            x_refreshed = x.detach().clone()
+            path = PathCache(backbone, x.detach().clone(), cfg.t, grid, cond)
+            x_refreshed = path.states[cfg.t]
+        steps_before = path.steps
         if periodic:
             refreshes += 1
-            c_a = curve_of(backbone, path, a_pixel, cond)
-            if ref_inside:
-                c_ref = curve_of(backbone, path, reference_pixel, cond)
+            with walking("walk"):
+                path.complete()
+            with clock.phase("curves"):
+                c_a = curve_of(backbone, path.states, a_pixel, cond)
+                if ref_inside:
+                    c_ref = curve_of(backbone, path.states, reference_pixel, cond)
         # Pixel then timestep per pair, so one pair per iteration draws as the paper does.
         ps, tks = [], []
         for _ in range(cfg.batch):
             ps.append(tuple(int(v) for v in
                             pixels[int(torch.randint(len(pixels), (1,), generator=gen))]))
             tks.append(_sample_t(c_a, timesteps, gen))
-        with torch.no_grad():
-            if cfg.mode == "faithful":
-                walked = walk_to(backbone, x.detach(), cfg.t, tks, grid, cond)
-                delta = torch.cat([walked[tk] - x.detach() for tk in tks])
-            else:
-                delta = torch.cat([path[tk] - path[cfg.t] for tk in tks])
-        x_k = x + delta
-        v = torch.stack([pixel_direction(backbone, p) for p in ps])
-        r = rates_batch(backbone, x_k, tks, v, cond)
-        js = [timesteps.index(tk) for tk in tks]
-        if cfg.loss == "match":
-            assert c_ref is not None
-            per_pair = (r - c_ref[js].to(r)).abs()
-        elif cfg.loss == "minimize":
-            per_pair = r.abs()
+        if cfg.mode == "faithful":
+            with walking("walk"):
+                here = PathCache(backbone, x.detach(), cfg.t, grid, cond).extend(tks)
+            walk_steps += here.steps
+            delta = torch.cat([here.states[tk] - x.detach() for tk in tks])
         else:
-            per_pair = cfg.lambda1 * r.clamp_min(1e-12) ** cfg.lambda2
-            if cfg.feature_weight:
-                for tk in set(tks) - set(feats_orig):
-                    with torch.no_grad():
-                        feats_orig[tk] = backbone.features(orig_path[tk], tk, cond)
-                feats = backbone.features(x_k, torch.as_tensor(tks), cond.expand(
-                    len(tks)) if cond is not None else None)
-                per_pair = per_pair + cfg.feature_weight * sum(
-                    (a - torch.cat([feats_orig[tk][n] for tk in tks])).abs().flatten(1).mean(1)
-                    for n, a in enumerate(feats))
-        loss = per_pair.mean()
+            with walking("re-walk"):
+                path.extend(tks)
+            delta = torch.cat([path.states[tk] - path.states[cfg.t] for tk in tks]).detach()
+        if periodic:
+            walk_steps += path.steps - steps_before
+        elif cfg.mode == "fast":
+            rewalk_steps += path.steps - steps_before
+        delta = delta.to(dt)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if cfg.match_outside_stats:
-            with torch.no_grad():
-                x.copy_(match_outside_statistics(x, x_orig, mask))
+        rs, losses = [], []
+        for s in range(0, cfg.batch, chunk):
+            part = slice(s, s + chunk)
+            with clock.phase("derivative"):
+                r_part, loss_part = pair_losses(x + delta[part], tks[part], ps[part])
+            with clock.phase("backward"):
+                # the mean over all pairs, one chunk at a time: the gradients add up in x.grad
+                (loss_part.sum() / cfg.batch).backward()
+            rs.append(r_part.detach())
+            losses.append(loss_part.detach())
+        r, per_pair = torch.cat(rs), torch.cat(losses)
+        loss = per_pair.mean()
         blended = False
-        if cfg.localized and cfg.t > cfg.t_blend and (it + 1) % cfg.blend_every == 0:
-            with torch.no_grad():
-                x.copy_(paste_outside(x, x_orig, mask))
-            blended = True
+        with clock.phase("update"):
+            opt.step()
+            if cfg.match_outside_stats:
+                with torch.no_grad():
+                    x.copy_(match_outside_statistics(x, x_orig, mask))
+            if cfg.localized and cfg.t > cfg.t_blend and (it + 1) % cfg.blend_every == 0:
+                with torch.no_grad():
+                    x.copy_(paste_outside(x, x_orig, mask))
+                blended = True
         history.append({"iteration": it, "loss": loss.item(), "rate": r.mean().item(),
                         "blended": blended, "drift": drift, "rewalked": rewalk,
+                        "walk_steps": (here.steps if cfg.mode == "faithful"
+                                       else path.steps - steps_before),
                         "samples": [{"pixel": list(p), "t_k": tk, "rate": float(ri),
                                      "loss": float(li)}
-                                    for p, tk, ri, li in zip(ps, tks, r.detach(),
-                                                             per_pair.detach(), strict=True)]})
+                                    for p, tk, ri, li in zip(ps, tks, r, per_pair,
+                                                             strict=True)]})
         if cfg.snapshot_every and (it + 1) % cfg.snapshot_every == 0:
-            with torch.no_grad():
+            with clock.phase("snapshots"), torch.no_grad():
                 snap = generate(backbone, x.detach(), cfg.t, grid, cond).last
                 snapshots.append((it + 1, backbone.to_image(snap).clamp(-1, 1).cpu()))
         for observer in observers:
@@ -441,22 +549,23 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                      else None)
     final_blend = bool(cfg.localized and cfg.t > cfg.t_blend and history
                        and not history[-1]["blended"])
-    if final_blend:
-        # Iterations after the last periodic blend moved the outside too; without this the
-        # final image would change outside the region whenever iterations % blend_every != 0.
+    with clock.phase("decode"):
+        if final_blend:
+            # Iterations after the last periodic blend moved the outside too; without this the
+            # final image would change outside the region whenever iterations % blend_every != 0.
+            with torch.no_grad():
+                x.copy_(paste_outside(x, x_orig, mask))
         with torch.no_grad():
-            x.copy_(paste_outside(x, x_orig, mask))
-    with torch.no_grad():
-        final_path = full_path(backbone, x.detach(), cfg.t, grid, cond)
-        if cfg.localized and cfg.decode_blend:
-            x_clean = blended_decode(backbone, x.detach(), orig_path, mask, cfg, grid, cond)
-        else:
-            # final_path already holds the generation down to the lowest grid level (the same
-            # DDIM steps generate takes); only the last step to the clean image is left.
-            lowest = timesteps[0]
-            x_clean = generate(backbone, final_path[lowest], lowest, grid, cond).last
-        out = backbone.to_image(x_clean).clamp(-1, 1)
-    region_after = curve_of(backbone, final_path, a_pixel, cond)
+            final_path = full_path(backbone, x.detach(), cfg.t, grid, cond)
+            if cfg.localized and cfg.decode_blend:
+                x_clean = blended_decode(backbone, x.detach(), orig_path, mask, cfg, grid, cond)
+            else:
+                # final_path already holds the generation down to the lowest grid level (the
+                # same DDIM steps generate takes); only the last step to the clean image is left.
+                lowest = timesteps[0]
+                x_clean = generate(backbone, final_path[lowest], lowest, grid, cond).last
+            out = backbone.to_image(x_clean).clamp(-1, 1)
+        region_after = curve_of(backbone, final_path, a_pixel, cond)
     settings = dict(cfg.__dict__, iterations=cfg.budget, final_blend=final_blend,
                     pixels_per_iteration=cfg.batch,
                     refresh_drift=tolerance, refreshes=refreshes,
@@ -464,5 +573,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                     decode_blend=bool(cfg.localized and cfg.decode_blend),
                     reference_pixel=list(reference_pixel) if reference_pixel else None,
                     curve_pixel=list(a_pixel), region_pixels=len(pixels), grid=grid.to_dict())
+    cost = {"phases": clock.report(), "walk_steps": walk_steps, "rewalk_steps": rewalk_steps,
+            "path_steps": len(timesteps) - 1}
     return CurveMatchingResult(out.cpu(), x.detach(), history, timesteps, region_before,
-                               region_after, c_ref, snapshots, settings)
+                               region_after, c_ref, snapshots, settings, cost)
