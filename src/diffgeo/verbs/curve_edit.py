@@ -54,6 +54,12 @@ class CurveEditOptions(ImageVerbOptions, Seeded):
     pixels_per_iteration: int | None = option(
         None, "(pixel, timestep) pairs per iteration, one batched JVP (default: 4 in fast "
         "mode, 1 in faithful mode as the paper).")
+    pairs_per_jvp: int | None = option(
+        None, "Differentiate the iteration's pairs in chunks of N (same result, less memory: "
+        "for large images on a GPU). [default: all pairs at once]")
+    walk_dtype: str | None = option(
+        None, "Run the derivative-free walks (ΔX, refreshes) in bfloat16 or float16 under "
+        "autocast; derivatives stay in the model's dtype. [default: the model's dtype]")
     match_outside_stats: bool = option(
         _CFG.match_outside_stats, "After every step, standardise the region of X_t to the "
         "unedited X_t's per-channel mean and std outside it (our addition; keeps removal from "
@@ -97,9 +103,10 @@ class CurveEditOptions(ImageVerbOptions, Seeded):
             refresh_drift=self.refresh_drift, blend_every=self.blend_every,
             t_blend=self.t_blend, localized=not self.no_localized,
             decode_blend=self.decode_blend, snapshot_every=self.snapshot_every,
-            pixels_per_iteration=self.pixels_per_iteration,
-            match_outside_stats=self.match_outside_stats, lambda1=self.lambda1,
-            feature_weight=self.feature_weight, seed=self.seed, **{grid_field: steps})
+            pixels_per_iteration=self.pixels_per_iteration, pairs_per_jvp=self.pairs_per_jvp,
+            walk_dtype=self.walk_dtype, match_outside_stats=self.match_outside_stats,
+            lambda1=self.lambda1, feature_weight=self.feature_weight, seed=self.seed,
+            **{grid_field: steps})
 
     def validate(self) -> None:
         super().validate()
