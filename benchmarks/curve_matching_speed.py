@@ -7,7 +7,12 @@ Variants, run alternately per scene so every ratio comes from one run under the 
 ``faithful`` (the paper: re-integrates X_t → X_tk without gradients every iteration, one
 (pixel, timestep) pair per iteration), ``fast/1`` (reuses the path computed at the last refresh,
 one pair) and ``fast/4`` (the default: four pairs in one batched JVP). Seconds per iteration and
-per pair are reported, with the final loss (mean of the last 10 iterations).
+per pair are reported, with the final loss (mean of the last 10 iterations), and the cost
+model of each variant: one iteration split into its phases (``CurveMatchingResult.cost``: path
+walk, drift re-walks, refresh curves, the rates' JVP with the loss, the backward pass through it,
+Adam and blends) in seconds and in forward-pass equivalents (the phase's time over one batch-1
+no-grad ε forward of the same model, timed in the same run: machine-independent to first order),
+and the network calls its walks made per iteration.
 
 Default model: object removal with a background reference pixel on the bundled held-out scenes
 (t = 700, 50-step grid). ``--sd small|sd15|sd21``: a randomly initialised SD-shaped U-Net
@@ -33,6 +38,38 @@ from diffgeo.editing import tasks
 from diffgeo.editing.curve_matching import CurveMatchingConfig, curve_matching
 
 VARIANTS = (("faithful", 1), ("fast", 1), ("fast", 4))
+#: The per-iteration phases of the cost model (setup and the final decode are reported apart).
+LOOP_PHASES = ("walk", "re-walk", "curves", "derivative", "backward", "update")
+
+
+def forward_seconds(bb, device: str, reps: int = 5) -> float:
+    """Median seconds of one batch-1, no-grad ε forward at a mid timestep."""
+    x = torch.randn(1, *bb.state_shape, generator=torch.Generator().manual_seed(0)).to(
+        bb.device, bb.dtype)
+    t = 500 if bb.prediction_type != "flow" else 500.0
+    times = []
+    with torch.no_grad():
+        bb.eps(x, t)
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            bb.eps(x, t)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def cost_model(res, iterations: int, forward: float) -> dict:
+    """Per-iteration seconds and forward equivalents of each loop phase, with walk steps."""
+    phases = res.cost["phases"]
+    per_it = {k: phases[k]["seconds"] / iterations for k in LOOP_PHASES if k in phases}
+    return {"per_iteration_seconds": per_it,
+            "per_iteration_forwards": {k: v / forward for k, v in per_it.items()},
+            "setup_forwards": phases["setup"]["seconds"] / forward,
+            "decode_forwards": phases["decode"]["seconds"] / forward,
+            "walk_steps_per_iteration": res.cost["walk_steps"] / iterations,
+            "rewalk_steps_per_iteration": res.cost["rewalk_steps"] / iterations,
+            "path_steps": res.cost["path_steps"]}
 
 
 def _sync(device: str) -> None:
@@ -74,18 +111,23 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=30)
     ap.add_argument("--refresh-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--walk-dtype", default=None,
+                    help="Walks in bfloat16/float16 (CurveMatchingConfig.walk_dtype).")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     bb, jobs = _jobs(args)
     rows = []
+    forwards = []
     for i, (name, run) in enumerate(jobs):
         out = {}
+        forward = forward_seconds(bb, args.device)
+        forwards.append(forward)
         for mode, pairs in VARIANTS:
             cfg = CurveMatchingConfig(iterations=args.iterations, mode=mode,
                                       refresh_every=args.refresh_every, seed=i,
-                                      pixels_per_iteration=pairs)
+                                      pixels_per_iteration=pairs, walk_dtype=args.walk_dtype)
             _sync(args.device)
             t0 = time.perf_counter()
             res = run(cfg)
@@ -94,13 +136,21 @@ def main() -> None:
             out[f"{mode}/{pairs}"] = {
                 "seconds": secs, "per_iteration": secs / args.iterations,
                 "per_pair": secs / (args.iterations * pairs),
-                "final_loss": float(np.mean(res.losses[-10:])), "losses": res.losses}
+                "final_loss": float(np.mean(res.losses[-10:])), "losses": res.losses,
+                "cost": cost_model(res, args.iterations, forward)}
         rows.append(out)
         f = out["faithful/1"]
         print(f"{name}: " + ", ".join(
             f"{k} {v['per_iteration']:.3g} s/it ({f['seconds'] / v['seconds']:.2f}x, "
             f"{v['per_pair']:.3g} s/pair, final loss {v['final_loss']:.4g})"
             for k, v in out.items()), flush=True)
+        for k, v in out.items():
+            c = v["cost"]
+            print(f"  {k} per iteration, in forward passes ({forward * 1e3:.1f} ms each): "
+                  + ", ".join(f"{p} {f:.2f}" for p, f in c["per_iteration_forwards"].items())
+                  + f"; walk steps {c['walk_steps_per_iteration']:.1f} + re-walk "
+                  f"{c['rewalk_steps_per_iteration']:.1f} (whole path {c['path_steps']})",
+                  flush=True)
     summary = {}
     for mode, pairs in VARIANTS[1:]:
         k = f"{mode}/{pairs}"
@@ -123,6 +173,7 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "summary": summary, "model": bb.name, "device": device,
                        "iterations": args.iterations, "refresh_every": args.refresh_every,
+                       "forward_seconds": forwards, "walk_dtype": args.walk_dtype,
                        "date": time.strftime("%Y-%m-%d %H:%M")}, fh, indent=2)
 
 

@@ -364,6 +364,15 @@ def test_curve_matching_speed(tmp_path):
     assert set(row) == {"faithful/1", "fast/1", "fast/4"}
     for v in row.values():
         assert len(v["losses"]) == 2 and v["seconds"] > 0
+        cost = v["cost"]
+        assert {"derivative", "backward", "update"} <= set(cost["per_iteration_forwards"])
+        assert all(f >= 0 for f in cost["per_iteration_forwards"].values())
+    # refreshing every iteration: iteration 1 walks the whole path; faithful mode walks to its
+    # sampled levels every iteration on top of that
+    path = row["fast/1"]["cost"]["path_steps"]
+    assert row["fast/1"]["cost"]["walk_steps_per_iteration"] == path / 2
+    assert row["faithful/1"]["cost"]["walk_steps_per_iteration"] > path / 2
+    assert rep["forward_seconds"][0] > 0
     assert_finite(rep["rows"], "rows")
     assert_finite(rep["summary"], "summary")
 
