@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+from jacobian_cost import forward_seconds
 from random_sd import KINDS, sd_backbone
 
 from diffgeo.backbones import load_backbone
@@ -40,23 +41,6 @@ from diffgeo.editing.curve_matching import CurveMatchingConfig, curve_matching
 VARIANTS = (("faithful", 1), ("fast", 1), ("fast", 4))
 #: The per-iteration phases of the cost model (setup and the final decode are reported apart).
 LOOP_PHASES = ("walk", "re-walk", "curves", "derivative", "backward", "update")
-
-
-def forward_seconds(bb, device: str, reps: int = 5) -> float:
-    """Median seconds of one batch-1, no-grad ε forward at a mid timestep."""
-    x = torch.randn(1, *bb.state_shape, generator=torch.Generator().manual_seed(0)).to(
-        bb.device, bb.dtype)
-    t = 500 if bb.prediction_type != "flow" else 500.0
-    times = []
-    with torch.no_grad():
-        bb.eps(x, t)
-        for _ in range(reps):
-            _sync(device)
-            t0 = time.perf_counter()
-            bb.eps(x, t)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def cost_model(res, iterations: int, forward: float) -> dict:
@@ -122,7 +106,7 @@ def main() -> None:
     forwards = []
     for i, (name, run) in enumerate(jobs):
         out = {}
-        forward = forward_seconds(bb, args.device)
+        forward = forward_seconds(bb, args.device, reps=5)
         forwards.append(forward)
         for mode, pairs in VARIANTS:
             cfg = CurveMatchingConfig(iterations=args.iterations, mode=mode,

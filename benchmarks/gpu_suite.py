@@ -309,6 +309,7 @@ class Suite:
 
     # ------------------------------------------------------------------ c. PIXELS
     def pixels(self, budget: float) -> tuple[dict, list[str]]:
+        from jacobian_cost import forward_seconds
         from pixels_overhead import edit, summarise, time_edit
 
         from diffgeo.backbones import load_backbone
@@ -319,15 +320,7 @@ class Suite:
         build_s = time.perf_counter() - t_build
         strength = 0.8
         # one U-Net call's time sizes the steps: 2 methods x (warm-up + timed) edits
-        x = torch.randn(1, *bb.state_shape, generator=torch.Generator().manual_seed(3))
-        x = x.to(bb.device, bb.dtype)
-        with torch.no_grad():
-            bb.eps(x, 500)
-            sync(self.device)
-            t0 = time.perf_counter()
-            bb.eps(x, 500)
-            sync(self.device)
-        per_call = time.perf_counter() - t0
+        per_call = forward_seconds(bb, self.device)
         left = budget - (time.perf_counter() - t_build)
         fit = int(0.7 * left / (4 * strength * per_call * 1.2))
         steps = max(5, min(self.p.pixel_steps, fit))
@@ -361,7 +354,7 @@ class Suite:
 
     # ------------------------------------------------------------------ d. JVP/VJP cost
     def jacobian(self, budget: float) -> tuple[dict, list[str]]:
-        from jacobian_cost import measure
+        from jacobian_cost import forward_seconds, measure
 
         out: dict[str, Any] = {}
         md = ["| product | float32 ms | x forward | bfloat16 ms | x forward |",
@@ -370,15 +363,7 @@ class Suite:
         start = time.perf_counter()
         for i, dtype in enumerate((torch.float32, torch.bfloat16)):
             bb = self.sd(dtype)
-            x = torch.randn(1, *bb.state_shape, generator=torch.Generator().manual_seed(4))
-            x = x.to(bb.device, bb.dtype)
-            with torch.no_grad():
-                bb.eps(x, 500)
-                sync(self.device)
-                t0 = time.perf_counter()
-                bb.eps(x, 500)
-                sync(self.device)
-            fwd = time.perf_counter() - t0
+            fwd = forward_seconds(bb, self.device)
             # one round: 3 forward passes, 4 products (~3 forwards each), k batched JVPs
             round_s = fwd * (3 + 4 * 3 + 3 * k)
             left = (budget - (time.perf_counter() - start)) / (2 - i)

@@ -28,6 +28,23 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def forward_seconds(bb, device: str, reps: int = 1) -> float:
+    """Median seconds of one batch-1, no-grad ε forward at timestep 500 (after a warm-up): the
+    unit the benchmarks express other costs in."""
+    x = torch.randn(1, *bb.state_shape, generator=torch.Generator().manual_seed(0))
+    x = x.to(bb.device, bb.dtype)
+    times = []
+    with torch.no_grad():
+        bb.eps(x, 500)
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            bb.eps(x, 500)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def measure(bb, device: str, reps: int, k: int) -> dict:
     """Median seconds of each product and its multiple of a plain forward pass, in the
     backbone's dtype (its states and directions are drawn in it)."""
