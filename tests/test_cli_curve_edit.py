@@ -39,7 +39,7 @@ def mask_file(tmp_path_factory):
     ("adjust-saliency", ["--increase", "--lambda1", "10", "--feature-weight", "0",
                          "--refresh-every", "2", "--blend-every", "2"]),
     ("remove", ["--refresh-drift", "1e-9"]),
-    ("remove", ["--pairs-per-jvp", "3", "--walk-dtype", "bfloat16"]),
+    ("remove", ["--pairs-per-jvp", "3", "--walk-dtype", "bfloat16", "--derivative", "exact"]),
 ])
 def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, extra):
     out = tmp_path / "out"
@@ -81,6 +81,9 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     assert s["curve_matching"]["pairs_per_jvp"] == (3 if "--pairs-per-jvp" in extra else None)
     assert s["curve_matching"]["walk_dtype"] == ("bfloat16" if "--walk-dtype" in extra
                                                  else None)
+    # the resolved derivative: fast mode differences unless told otherwise
+    assert s["curve_matching"]["derivative"] == (
+        "exact" if "--derivative" in extra or "faithful" in extra else "difference")
     # input, one snapshot (iteration 2), result
     assert Image.open(out / "strip.png").size == (3 * 16 + 2 * 2, 16)
 
@@ -99,6 +102,7 @@ def test_verbs_write_their_results(cli, tiny, image, mask_file, tmp_path, verb, 
     ("remove", ["--mask", "MASK", "--refresh-drift", "-1"], "--refresh-drift"),
     ("remove", ["--mask", "MASK", "--pairs-per-jvp", "0"], "--pairs-per-jvp"),
     ("remove", ["--mask", "MASK", "--walk-dtype", "float64"], "--walk-dtype"),
+    ("remove", ["--mask", "MASK", "--derivative", "jvp"], "--derivative"),
     ("remove", ["--mask", "MASK", "--mode", "faithful", "--refresh-drift", "0.1"],
      "fast mode only"),
 ])

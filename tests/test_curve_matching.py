@@ -61,10 +61,13 @@ def test_rate_gradient_matches_finite_differences(bb64):
     assert float((z.grad * d).sum()) == pytest.approx(float(fd), rel=1e-6)
 
 
-@pytest.mark.parametrize("pairs", [1, 3])
-def test_fast_equals_faithful_when_the_path_is_refreshed_every_iteration(pixel_bb, pairs):
+@pytest.mark.parametrize(("pairs", "derivative"),
+                         [(1, "exact"), (3, "exact"), (3, "difference")])
+def test_fast_equals_faithful_when_the_path_is_refreshed_every_iteration(pixel_bb, pairs,
+                                                                         derivative):
+    """With the same derivative (fast mode's default is the difference, faithful's the JVP)."""
     cfg = dict(t=500, num_steps=10, iterations=4, refresh_every=1, loss="minimize", seed=3,
-               localized=False, pixels_per_iteration=pairs)
+               localized=False, pixels_per_iteration=pairs, derivative=derivative)
     fast = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(mode="fast", **cfg))
     slow = curve_matching(pixel_bb, _image(), REGION,
                           CurveMatchingConfig(mode="faithful", **cfg))
@@ -82,7 +85,7 @@ def test_refresh_drift_rewalks_when_x_t_has_moved(pixel_bb):
     sampling curve on the periodic schedule); an unreachable one leaves the periodic refresh
     alone."""
     cfg = dict(t=500, num_steps=10, iterations=4, loss="minimize", seed=3, localized=False,
-               pixels_per_iteration=2, lr=0.1)
+               pixels_per_iteration=2, lr=0.1, derivative="exact")
     faithful = curve_matching(pixel_bb, _image(), REGION,
                               CurveMatchingConfig(mode="faithful", refresh_every=50, **cfg))
     drift = curve_matching(pixel_bb, _image(), REGION, CurveMatchingConfig(

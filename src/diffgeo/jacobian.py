@@ -153,6 +153,29 @@ def batched_vjp(backbone: Backbone, x: torch.Tensor, U: torch.Tensor, t: int | t
     return torch.cat(outs)
 
 
+def central_difference(backbone: Backbone, x: torch.Tensor, v: torch.Tensor,
+                       t: int | torch.Tensor, cond: Conditioning | None = None,
+                       output: str = "eps", step: float = 0.03) -> torch.Tensor:
+    """(f(x + s·v) − f(x − s·v)) / 2s for a batch of B states and B directions, both (B, *state):
+    one network call on 2B states, differentiable with respect to ``x`` by ordinary reverse mode.
+
+    A cheaper stand-in for ``jvp`` where its O(s²) error is acceptable: it needs no forward-mode
+    AD, so the model runs as it does for sampling (its fast attention kernels included) and a
+    gradient through it is a plain backward pass instead of reverse-over-forward. Meant for the
+    model's dtype float32 or float64: the rounding error grows like ulp·|f|/s."""
+    if v.shape != x.shape:
+        raise InputError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)}")
+    if not 0 < step < float("inf"):
+        raise InputError(f"step must be a finite number > 0, got {step}")
+    _check(backbone, x, v, "v")
+    B = x.shape[0]
+    tt = backbone.timesteps(t, B)
+    f = output_fn(backbone, _repeat(tt, 2), _expand_cond(cond, B, 2), output)
+    v = v.to(x)
+    out = f(torch.cat([x + step * v, x - step * v]))
+    return (out[:B] - out[B:]) / (2 * step)
+
+
 @torch.no_grad()
 def finite_difference(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                       v: torch.Tensor, step: float = 1e-3) -> torch.Tensor:

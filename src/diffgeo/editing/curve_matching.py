@@ -43,7 +43,7 @@ from diffgeo.backbones.base import Backbone, Conditioning
 from diffgeo.curves import pixel_direction, rates_at
 from diffgeo.errors import InputError
 from diffgeo.io.regions import region_pixels
-from diffgeo.jacobian import jvp
+from diffgeo.jacobian import central_difference, jvp
 from diffgeo.runtime import resolve_dtype
 from diffgeo.sampling import Grid, Step, generate, invert, sample, walk
 from diffgeo.timing import PhaseClock
@@ -51,6 +51,15 @@ from diffgeo.timing import PhaseClock
 LOSSES = ("match", "minimize", "saliency")
 MODES = ("fast", "faithful")
 WALK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: How the rates' derivative D h[e_p] is taken: ``exact`` by forward-mode AD (the paper; the
+#: gradient is reverse-over-forward), ``difference`` by a central difference of h along e_p
+#: (one plain forward of 2B states, an ordinary backward pass; fast mode's default).
+DERIVATIVES = ("exact", "difference")
+#: The central difference's step along the unit direction e_p. States at the levels curve
+#: matching samples have entries of order 1 on every model we load, so one absolute step
+#: serves: it balances the O(s²) truncation against float32 rounding (measured against the
+#: exact JVP in tests/test_curve_matching.py; benchmarks/curve_matching_speed.py).
+DIFFERENCE_STEP = 0.03
 #: The phases of a run that ``CurveMatchingResult.cost`` times: inversion and the original path
 #: with its curves (setup); per iteration the derivative-free path walk (faithful mode's walk to
 #: the sampled levels, fast mode's refresh walks), fast mode's drift re-walks (extended only as
@@ -103,7 +112,14 @@ class CurveMatchingConfig:
     re-walks) under autocast in that precision — the derivative and the update stay in the
     model's dtype; ``pairs_per_jvp`` (``None``: all pairs at once) splits the iteration's pairs
     into chunks of that many, each differentiated and back-propagated on its own with the
-    gradients summed, which bounds the memory of reverse-over-forward at the same result."""
+    gradients summed, which bounds the memory of reverse-over-forward at the same result.
+
+    ``derivative`` (ours; ``None``: ``difference`` in fast mode on a float32/float64 model,
+    ``exact`` otherwise) takes the rates D h[e_p] of the loss and of the refreshed curves
+    ``exact``-ly (forward-mode AD, as the paper) or by a central ``difference`` of h along e_p
+    with step :data:`DIFFERENCE_STEP` — an O(s²) approximation that needs no forward-mode AD,
+    so the model keeps its fast attention kernels and the gradient is one plain backward pass.
+    The original path's curves (and the reported curves before/after) are always exact."""
 
     t: int | None = None
     num_steps: int = 50
@@ -125,6 +141,7 @@ class CurveMatchingConfig:
     match_outside_stats: bool = False
     walk_dtype: str | None = None
     pairs_per_jvp: int | None = None
+    derivative: str | None = None
     seed: int = 0
 
     @property
@@ -143,6 +160,19 @@ class CurveMatchingConfig:
     def budget(self) -> int:
         """The number of iterations this config runs."""
         return DEFAULT_ITERATIONS if self.iterations is None else self.iterations
+
+    def derivative_for(self, dtype: torch.dtype) -> str:
+        """How this config takes the rates' derivative on a model running in ``dtype``: the
+        given one (a difference on a half-precision model is refused: its rounding error,
+        ulp·|h|/s, would swamp the rate), else ``difference`` in fast mode on float32/float64
+        and ``exact`` otherwise."""
+        full = dtype in (torch.float32, torch.float64)
+        if self.derivative == "difference" and not full:
+            raise InputError(f"derivative 'difference' needs a float32 or float64 model (this one "
+                             f"runs in {str(dtype).replace('torch.', '')}): use 'exact'")
+        if self.derivative is not None:
+            return self.derivative
+        return "difference" if self.mode == "fast" and full else "exact"
 
     @property
     def batch(self) -> int:
@@ -186,6 +216,9 @@ class CurveMatchingConfig:
         if ppj is not None and (isinstance(ppj, bool) or not isinstance(ppj, int) or ppj < 1):
             raise InputError(f"pairs_per_jvp must be an integer >= 1 (or None: all pairs in one "
                              f"JVP), got {ppj!r}")
+        if self.derivative is not None and self.derivative not in DERIVATIVES:
+            raise InputError(f"derivative must be one of {DERIVATIVES} (or None: the mode's "
+                             f"default), got {self.derivative!r}")
         if self.walk_dtype is not None and _walk_dtype(self.walk_dtype) not in WALK_DTYPES:
             raise InputError(f"walk_dtype must be float32, bfloat16 or float16 (or None: the "
                              f"model's dtype), got {self.walk_dtype!r}")
@@ -221,28 +254,48 @@ class CurveMatchingResult:
 
 
 def rates_batch(backbone: Backbone, x: torch.Tensor, t: Sequence[int], v: torch.Tensor,
-                cond: Conditioning | None) -> torch.Tensor:
+                cond: Conditioning | None, derivative: str = "exact") -> torch.Tensor:
     """‖D h_{t_i}(x_i)[v_i]‖ for B states (B, *state), B timesteps and B directions: (B,).
 
-    One batched JVP, differentiable with respect to x (reverse over forward). The U-Net treats
-    batch elements independently, so each norm equals the single-state rate.
+    One batched JVP (``exact``, differentiable with respect to x by reverse over forward) or
+    one batched central difference of h (``difference``, step :data:`DIFFERENCE_STEP`; plain
+    reverse mode). The U-Net treats batch elements independently, so each norm equals the
+    single-state rate.
     """
+    if derivative not in DERIVATIVES:
+        raise InputError(f"derivative must be one of {DERIVATIVES}, got {derivative!r}")
     B = x.shape[0]
     if len(t) != B or v.shape[0] != B:
         raise InputError(f"rates_batch needs one timestep and one direction per state: got "
                          f"{B} states, {len(t)} timesteps, {v.shape[0]} directions")
     tt = torch.as_tensor([int(s) for s in t], dtype=torch.long)
     c = cond.expand(B) if cond is not None else None
-    _, jv = jvp(backbone, x, v.to(x), tt, c, output="h")
+    if derivative == "difference":
+        jv = central_difference(backbone, x, v.to(x), tt, c, output="h", step=DIFFERENCE_STEP)
+    else:
+        _, jv = jvp(backbone, x, v.to(x), tt, c, output="h")
     return jv.flatten(1).norm(dim=1)
 
 
+#: Path levels per batched call when a curve is taken by differences.
+CURVE_CHUNK = 16
+
+
 def curve_of(backbone: Backbone, path: dict[int, torch.Tensor], pixel: Sequence[int],
-             cond: Conditioning | None) -> torch.Tensor:
-    """The ‖Dh[e_p]‖ curve of one pixel over the path's timesteps (ascending), no gradient."""
+             cond: Conditioning | None, derivative: str = "exact") -> torch.Tensor:
+    """The ‖Dh[e_p]‖ curve of one pixel over the path's timesteps (ascending), no gradient;
+    ``difference`` takes :data:`CURVE_CHUNK` levels per call."""
     v = pixel_direction(backbone, pixel)[None]
-    return torch.stack([rates_at(backbone, path[t], t, v, "h", cond=cond)[0].detach()
-                        for t in sorted(path)]).float().cpu()
+    levels = sorted(path)
+    if derivative == "exact":
+        return torch.stack([rates_at(backbone, path[t], t, v, "h", cond=cond)[0].detach()
+                            for t in levels]).float().cpu()
+    with torch.no_grad():
+        return torch.cat([
+            rates_batch(backbone, torch.cat([path[t] for t in part]), part,
+                        v.expand(len(part), *v.shape[1:]), cond, derivative)
+            for part in (levels[s:s + CURVE_CHUNK] for s in range(0, len(levels), CURVE_CHUNK))
+        ]).float().cpu()
 
 
 class PathCache:
@@ -401,6 +454,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                              f"{H}x{W} image")
     grid = Grid.for_model(backbone, cfg.num_steps)
     cfg = cfg.on_grid(grid)  # t on the grid, before any work
+    derivative = cfg.derivative_for(backbone.dtype)
     gen = torch.Generator().manual_seed(cfg.seed)
     dev, dt = backbone.device, backbone.dtype
     clock = PhaseClock(dev)
@@ -427,7 +481,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rates, losses) of a chunk of pairs, differentiable w.r.t. X_t."""
         v = torch.stack([pixel_direction(backbone, p) for p in ps])
-        r = rates_batch(backbone, x_k, tks, v, cond)
+        r = rates_batch(backbone, x_k, tks, v, cond, derivative)
         js = [timesteps.index(tk) for tk in tks]
         if cfg.loss == "match":
             assert c_ref is not None
@@ -486,9 +540,9 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
             with walking("walk"):
                 path.complete()
             with clock.phase("curves"):
-                c_a = curve_of(backbone, path.states, a_pixel, cond)
+                c_a = curve_of(backbone, path.states, a_pixel, cond, derivative)
                 if ref_inside:
-                    c_ref = curve_of(backbone, path.states, reference_pixel, cond)
+                    c_ref = curve_of(backbone, path.states, reference_pixel, cond, derivative)
         # Pixel then timestep per pair, so one pair per iteration draws as the paper does.
         ps, tks = [], []
         for _ in range(cfg.batch):
@@ -567,6 +621,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
             out = backbone.to_image(x_clean).clamp(-1, 1)
         region_after = curve_of(backbone, final_path, a_pixel, cond)
     settings = dict(cfg.__dict__, iterations=cfg.budget, final_blend=final_blend,
+                    derivative=derivative,
                     pixels_per_iteration=cfg.batch,
                     refresh_drift=tolerance, refreshes=refreshes,
                     drift_refreshes=sum(h["rewalked"] for h in history),

@@ -60,6 +60,10 @@ class CurveEditOptions(ImageVerbOptions, Seeded):
     walk_dtype: str | None = option(
         None, "Run the derivative-free walks (ΔX, refreshes) in bfloat16 or float16 under "
         "autocast; derivatives stay in the model's dtype. [default: the model's dtype]")
+    derivative: str | None = option(
+        None, "How the rates' derivative is taken: exact (forward-mode JVP, the paper) or "
+        "difference (central difference of h: no forward-mode AD, a plain backward; agrees "
+        "to ~1e-4). [default: difference in fast mode on float32/float64, else exact]")
     match_outside_stats: bool = option(
         _CFG.match_outside_stats, "After every step, standardise the region of X_t to the "
         "unedited X_t's per-channel mean and std outside it (our addition; keeps removal from "
@@ -104,7 +108,8 @@ class CurveEditOptions(ImageVerbOptions, Seeded):
             t_blend=self.t_blend, localized=not self.no_localized,
             decode_blend=self.decode_blend, snapshot_every=self.snapshot_every,
             pixels_per_iteration=self.pixels_per_iteration, pairs_per_jvp=self.pairs_per_jvp,
-            walk_dtype=self.walk_dtype, match_outside_stats=self.match_outside_stats,
+            walk_dtype=self.walk_dtype, derivative=self.derivative,
+            match_outside_stats=self.match_outside_stats,
             lambda1=self.lambda1, feature_weight=self.feature_weight, seed=self.seed,
             **{grid_field: steps})
 
