@@ -6,7 +6,8 @@
 Variants, run alternately per scene so every ratio comes from one run under the same load:
 ``faithful`` (the paper: re-integrates X_t → X_tk without gradients every iteration, one
 (pixel, timestep) pair per iteration), ``fast/1`` (reuses the path computed at the last refresh,
-one pair) and ``fast/4`` (the default: four pairs in one batched JVP). Seconds per iteration and
+one pair; ``fast/1 exact`` with the paper's exact JVP, ``fast/1`` with fast mode's default central
+difference) and ``fast/4`` (the default: four pairs in one batched call). Seconds per iteration and
 per pair are reported, with the final loss (mean of the last 10 iterations), and the cost
 model of each variant: one iteration split into its phases (``CurveMatchingResult.cost``: path
 walk, drift re-walks, refresh curves, the rates' JVP with the loss, the backward pass through it,
@@ -38,7 +39,13 @@ from diffgeo.data import bundled_scenes
 from diffgeo.editing import tasks
 from diffgeo.editing.curve_matching import CurveMatchingConfig, curve_matching
 
-VARIANTS = (("faithful", 1), ("fast", 1), ("fast", 4))
+#: (mode, pairs, derivative): None is the mode's default (fast: the central difference, faithful:
+#: the exact JVP); "fast/1 exact" isolates what the difference derivative saves.
+VARIANTS = (("faithful", 1, None), ("fast", 1, "exact"), ("fast", 1, None), ("fast", 4, None))
+
+
+def variant_name(mode: str, pairs: int, derivative: str | None) -> str:
+    return f"{mode}/{pairs}" + (f" {derivative}" if derivative else "")
 #: The per-iteration phases of the cost model (setup and the final decode are reported apart).
 LOOP_PHASES = ("walk", "re-walk", "curves", "derivative", "backward", "update")
 
@@ -108,19 +115,21 @@ def main() -> None:
         out = {}
         forward = forward_seconds(bb, args.device, reps=5)
         forwards.append(forward)
-        for mode, pairs in VARIANTS:
+        for mode, pairs, derivative in VARIANTS:
             cfg = CurveMatchingConfig(iterations=args.iterations, mode=mode,
                                       refresh_every=args.refresh_every, seed=i,
-                                      pixels_per_iteration=pairs, walk_dtype=args.walk_dtype)
+                                      pixels_per_iteration=pairs, walk_dtype=args.walk_dtype,
+                                      derivative=derivative)
             _sync(args.device)
             t0 = time.perf_counter()
             res = run(cfg)
             _sync(args.device)
             secs = time.perf_counter() - t0
-            out[f"{mode}/{pairs}"] = {
+            out[variant_name(mode, pairs, derivative)] = {
                 "seconds": secs, "per_iteration": secs / args.iterations,
                 "per_pair": secs / (args.iterations * pairs),
                 "final_loss": float(np.mean(res.losses[-10:])), "losses": res.losses,
+                "derivative": res.settings["derivative"],
                 "cost": cost_model(res, args.iterations, forward)}
         rows.append(out)
         f = out["faithful/1"]
@@ -136,8 +145,8 @@ def main() -> None:
                   f"{c['rewalk_steps_per_iteration']:.1f} (whole path {c['path_steps']})",
                   flush=True)
     summary = {}
-    for mode, pairs in VARIANTS[1:]:
-        k = f"{mode}/{pairs}"
+    for variant in VARIANTS[1:]:
+        k = variant_name(*variant)
         summary[k] = {
             "speedup_per_iteration": float(np.mean(
                 [r["faithful/1"]["seconds"] / r[k]["seconds"] for r in rows])),

@@ -361,7 +361,9 @@ def test_curve_matching_speed(tmp_path):
         "--refresh-every", 1, "--threads", 1, "--json", out, cwd=tmp_path, timeout=600)
     rep = read_json(out)
     (row,) = rep["rows"]
-    assert set(row) == {"faithful/1", "fast/1", "fast/4"}
+    assert set(row) == {"faithful/1", "fast/1 exact", "fast/1", "fast/4"}
+    assert row["fast/1 exact"]["derivative"] == row["faithful/1"]["derivative"] == "exact"
+    assert row["fast/1"]["derivative"] == row["fast/4"]["derivative"] == "difference"
     for v in row.values():
         assert len(v["losses"]) == 2 and v["seconds"] > 0
         cost = v["cost"]

@@ -22,11 +22,6 @@ from diffgeo.sampling import Grid
 
 
 @pytest.fixture(scope="module")
-def bb64(pixel_path):
-    return load_backbone(pixel_path, dtype="float64")
-
-
-@pytest.fixture(scope="module")
 def default_bb():
     return load_backbone("default")
 
@@ -40,27 +35,27 @@ def _directions(bb, pixels):
     return torch.stack([pixel_direction(bb, p) for p in pixels])
 
 
-def test_central_difference_converges_to_the_jvp_at_second_order(bb64):
+def test_central_difference_converges_to_the_jvp_at_second_order(pixel_bb64):
     """Batched over states with different timesteps; the error falls ~100x per 10x step."""
-    x = _state(bb64, 0, torch.float64, batch=2)
-    v = _directions(bb64, [(3, 4), (9, 12)])
+    x = _state(pixel_bb64, 0, torch.float64, batch=2)
+    v = _directions(pixel_bb64, [(3, 4), (9, 12)])
     t = torch.tensor([300, 800])
-    _, exact = jvp(bb64, x, v, t, output="h")
-    errors = [float((central_difference(bb64, x, v, t, output="h", step=s) - exact).norm()
+    _, exact = jvp(pixel_bb64, x, v, t, output="h")
+    errors = [float((central_difference(pixel_bb64, x, v, t, output="h", step=s) - exact).norm()
                     / exact.norm()) for s in (1e-1, 1e-2)]
     assert errors[1] < 1e-4
     assert errors[0] / errors[1] == pytest.approx(100, rel=0.2)
 
 
-def test_difference_rate_gradient_matches_the_exact_one_in_float64(bb64):
+def test_difference_rate_gradient_matches_the_exact_one_in_float64(pixel_bb64):
     """d/dX of ‖D h[e_p]‖ by a plain backward through the difference equals the exact
     reverse-over-forward gradient up to the step's O(s²)."""
-    x = _state(bb64, 1, torch.float64, batch=2)
-    v = _directions(bb64, [(6, 7), (2, 13)])
+    x = _state(pixel_bb64, 1, torch.float64, batch=2)
+    v = _directions(pixel_bb64, [(6, 7), (2, 13)])
     grads = {}
     for derivative in ("exact", "difference"):
         z = x.clone().requires_grad_(True)
-        rates_batch(bb64, z, [400, 600], v, None, derivative).sum().backward()
+        rates_batch(pixel_bb64, z, [400, 600], v, None, derivative).sum().backward()
         grads[derivative] = z.grad
     rel = (grads["difference"] - grads["exact"]).norm() / grads["exact"].norm()
     assert float(rel) < 1e-4  # s = DIFFERENCE_STEP, truncation only in float64 (measured 2.6e-5)
