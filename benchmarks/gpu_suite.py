@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 import torch
 from random_sd import sd_backbone, sdxl_img2img_pipeline
+
+from diffgeo.runtime import strict_float32
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The issue's target for 300 curve-matching iterations at SD 2.1-base 512x512 on one GPU.
@@ -122,17 +124,6 @@ def sync(device: str) -> None:
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-@contextlib.contextmanager
-def strict_float32() -> Iterator[None]:
-    """TF32 off for matmuls and convolutions (restored after): float32 as float32."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 class Suite:
@@ -385,6 +376,7 @@ class Suite:
     # ------------------------------------------------------------------ e. correctness
     def correctness(self, budget: float) -> tuple[dict, list[str]]:
         parts = {"jvp_vs_finite_differences": (self._jvp_vs_fd, self._jvp_vs_fd_md),
+                 "difference_rate": (self._difference_rate, self._difference_rate_md),
                  "layer_norm_rewrite": (self._layer_norm, self._layer_norm_md),
                  "attention": (self._attention, self._attention_md)}
         out: dict[str, Any] = {}
@@ -407,6 +399,46 @@ class Suite:
                 "‖jvp − fd‖ / ‖fd‖ by step: " + "; ".join(
                     f"{o}: " + ", ".join(f"{s:g} → {e:.2e}" for s, e in r["by_step"].items())
                     + f" (best {r['best']:.2e})" for o, r in fd["outputs"].items())]
+
+    @staticmethod
+    def _difference_rate_md(dr: dict) -> list[str]:
+        return [f"- fast mode's difference rate (step {dr['step']:g}) vs the exact JVP rate, "
+                f"worst relative error of rate / gradient over t = {dr['t']}: " + "; ".join(
+                    f"{k}: {r['rate']:.2e} / {r['gradient']:.2e}"
+                    for k, r in dr["settings"].items())]
+
+    def _difference_rate(self) -> dict:
+        """The rate and its gradient by central difference (curve matching's fast default)
+        against the exact ones, in true float32 (as curve matching runs it) and with the
+        device's default TF32 settings (what it would be without that guard)."""
+        from diffgeo.curves import pixel_direction
+        from diffgeo.editing.curve_matching import DIFFERENCE_STEP, rates_batch
+
+        bb = self.sd()
+        H, W = bb.image_size
+        v = pixel_direction(bb, (H // 3, W // 2))[None]
+        ts = [101, 501, 901]
+        g = torch.Generator().manual_seed(6)
+        xs = [torch.randn(1, *bb.state_shape, generator=g).to(bb.device, bb.dtype) for _ in ts]
+
+        def rate(x: torch.Tensor, t: int, derivative: str) -> tuple[float, torch.Tensor]:
+            z = x.clone().requires_grad_(True)
+            r = rates_batch(bb, z, [t], v, None, derivative)
+            r.sum().backward()
+            return float(r.detach()[0]), z.grad
+
+        settings: dict[str, Any] = {}
+        for name, ctx in (("float32", strict_float32), ("default TF32", contextlib.nullcontext)):
+            errs = []
+            for x, t in zip(xs, ts, strict=True):
+                with strict_float32():
+                    r_e, g_e = rate(x, t, "exact")
+                with ctx():
+                    r_d, g_d = rate(x, t, "difference")
+                errs.append((abs(r_d / r_e - 1), float((g_d - g_e).norm() / g_e.norm())))
+            settings[name] = {"rate": max(e[0] for e in errs),
+                              "gradient": max(e[1] for e in errs)}
+        return {"step": DIFFERENCE_STEP, "t": ts, "settings": settings}
 
     @staticmethod
     def _layer_norm_md(ln: dict) -> list[str]:

@@ -9,6 +9,8 @@ Thresholds of the correctness section, on the CPU in float32 / bfloat16:
 - The LayerNorm rewrite takes its statistics in float32 and rounds once to bfloat16, so every
   output is within half a bfloat16 ulp of the float64 value (plus float32 noise): at most one ulp
   of the largest output, as torch's fused kernel; in float32 the two agree to ~1e-6.
+- The difference rate (fast mode's default derivative) within 1e-3 of the exact rate and 3e-3
+  of its gradient, the bounds tests/test_rate_difference.py holds on the default model.
 - Attention: the CPU's plain forward runs the fused flash kernel, derivative mode and the JVP the
   math one (autodiff.py forces it), so the check can tell them apart.
 """
@@ -40,6 +42,9 @@ def outputs(out: Path) -> tuple[Path, Path]:
 def check_correctness(e: dict) -> None:
     for output, r in e["jvp_vs_finite_differences"]["outputs"].items():
         assert r["best"] < 2e-3, (output, r)
+    for name, r in e["difference_rate"]["settings"].items():
+        # the bounds tests/test_rate_difference.py holds on the default model
+        assert r["rate"] < 1e-3 and r["gradient"] < 3e-3, (name, r)
     ln = e["layer_norm_rewrite"]
     assert ln["patched"]
     assert ln["bf16_rewrite_vs_ref"] <= ln["bf16_ulp_at_max"], ln
@@ -77,7 +82,8 @@ def test_a_failing_section_or_part_is_reported_and_the_others_run(tmp_path, monk
     assert d["status"] == "error" and "planted failure of section d" in d["error"]
     assert e["status"] == "error" and "planted profiler failure" in e["error"]
     # the parts of e that ran are kept and right
-    assert set(e["data"]) == {"jvp_vs_finite_differences", "layer_norm_rewrite"}
+    assert set(e["data"]) == {"jvp_vs_finite_differences", "difference_rate",
+                              "layer_norm_rewrite"}
     assert e["data"]["jvp_vs_finite_differences"]["outputs"]["eps"]["best"] < 2e-3
     text = md.read_text()
     assert "planted failure of section d" in text and "planted profiler failure" in text

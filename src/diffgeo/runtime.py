@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -22,6 +24,19 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
             raise InputError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}"
                              ) from None
     return dtype
+
+
+@contextlib.contextmanager
+def strict_float32() -> Iterator[None]:
+    """TF32 off for CUDA matmuls and convolutions within the block (restored after): float32
+    as float32. Needed wherever rounding is amplified, as by a finite difference (TF32 keeps
+    10 mantissa bits; cuDNN allows it for convolutions by default)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def check_device(device: str | torch.device) -> None:

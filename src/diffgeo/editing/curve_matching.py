@@ -44,7 +44,7 @@ from diffgeo.curves import pixel_direction, rates_at
 from diffgeo.errors import InputError
 from diffgeo.io.regions import region_pixels
 from diffgeo.jacobian import central_difference, jvp
-from diffgeo.runtime import resolve_dtype
+from diffgeo.runtime import resolve_dtype, strict_float32
 from diffgeo.sampling import Grid, Step, generate, invert, sample, walk
 from diffgeo.timing import PhaseClock
 
@@ -455,6 +455,9 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
     grid = Grid.for_model(backbone, cfg.num_steps)
     cfg = cfg.on_grid(grid)  # t on the grid, before any work
     derivative = cfg.derivative_for(backbone.dtype)
+    # A difference divides rounding by 2s: TF32's 10 mantissa bits would show, so its forward,
+    # backward and curves run in true float32.
+    precise = strict_float32 if derivative == "difference" else contextlib.nullcontext
     gen = torch.Generator().manual_seed(cfg.seed)
     dev, dt = backbone.device, backbone.dtype
     clock = PhaseClock(dev)
@@ -539,7 +542,7 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
             refreshes += 1
             with walking("walk"):
                 path.complete()
-            with clock.phase("curves"):
+            with clock.phase("curves"), precise():
                 c_a = curve_of(backbone, path.states, a_pixel, cond, derivative)
                 if ref_inside:
                     c_ref = curve_of(backbone, path.states, reference_pixel, cond, derivative)
@@ -567,9 +570,9 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
         rs, losses = [], []
         for s in range(0, cfg.batch, chunk):
             part = slice(s, s + chunk)
-            with clock.phase("derivative"):
+            with clock.phase("derivative"), precise():
                 r_part, loss_part = pair_losses(x + delta[part], tks[part], ps[part])
-            with clock.phase("backward"):
+            with clock.phase("backward"), precise():
                 # the mean over all pairs, one chunk at a time: the gradients add up in x.grad
                 (loss_part.sum() / cfg.batch).backward()
             rs.append(r_part.detach())
