@@ -375,6 +375,15 @@ def test_curve_matching_speed(tmp_path):
     assert row["fast/1"]["cost"]["walk_steps_per_iteration"] == path / 2
     assert row["faithful/1"]["cost"]["walk_steps_per_iteration"] > path / 2
     assert rep["forward_seconds"][0] > 0
+    for k, v in row.items():
+        assert v["cost"]["loop_seconds_per_iteration"] == pytest.approx(
+            sum(v["cost"]["per_iteration_seconds"].values()))
+        if k != "faithful/1":
+            ratio = row["faithful/1"]["cost"]["loop_seconds_per_iteration"] / v["cost"][
+                "loop_seconds_per_iteration"]
+            assert rep["summary"][k]["loop_speedup_per_iteration"] == pytest.approx(ratio)
+            assert rep["summary"][k]["loop_speedup_per_pair"] == pytest.approx(
+                ratio * (4 if k == "fast/4" else 1))
     assert_finite(rep["rows"], "rows")
     assert_finite(rep["summary"], "summary")
 
