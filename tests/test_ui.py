@@ -244,8 +244,9 @@ def test_every_panel_answers_through_gradio_client_as_the_cli_would(session, fil
                    "composite": handle_file(str(image))}
         # curve matching, streamed: the last message holds the result
         loss, strip, result, curves, text, command, _ = client.predict(
-            painted, "remove the object", 3, "fast", "crop", api_name="/edit")
+            painted, "remove the object", 3, "fast", "exact", "crop", api_name="/edit")
         assert "final loss" in text and len(loss["data"]) == 3 and Path(result).is_file()
+        assert "--derivative exact" in command
         cli = _cli_rerun(command, tmp_path / "remove")
         assert Path(result).read_bytes() == (cli / "result.png").read_bytes()
         # two exemplars, each with its map; the painted map is where the exemplar goes

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from diffgeo.editing.curve_matching import DERIVATIVES
 from diffgeo.errors import DiffgeoError, InputError
 from diffgeo.ui.session import NO_IMAGE, Iteration, Picture, Run, Session
 
@@ -38,6 +39,8 @@ EDITS: dict[str, tuple[str, dict[str, Any]]] = {
 FITS = ("crop", "pad", "resize")
 THRESHOLDS = ("linear", "quadratic", "cubic", "log1p", "sigmoid", "sigmoid-normalized")
 MAX_DIRECTIONS = 8
+#: The derivative choice that leaves it to the mode (CurveMatchingConfig.derivative = None).
+AUTO = "auto"
 EXEMPLAR_SLOTS = 3
 BRUSH = "#ff3030"
 #: Result images (model-sized, 32x32) fill their box with sharp pixels. Not the clickable image:
@@ -219,11 +222,12 @@ def build_app(session: Session):
     # ------------------------------------------------------------------ curve matching
     @_shown_errors
     def edit(picture: Picture | None, painted: Any, what: str, iterations: float, mode: str,
-             pixels: list, fit: str, progress=gr.Progress()):
+             derivative: str, pixels: list, fit: str, progress=gr.Progress()):
         picture = _needs(picture)
         verb, extra = EDITS[what]
         budget = int(iterations)
         options: dict[str, Any] = {"image": picture.path, "iterations": budget, "mode": mode,
+                                   "derivative": None if derivative == AUTO else derivative,
                                    "fit": fit, **extra,
                                    "mask": session.save_mask(painted, picture.size),
                                    "snapshot_every": max(1, budget // 6)}
@@ -368,6 +372,10 @@ def build_app(session: Session):
                         iterations = gr.Slider(1, 300, value=20, step=1, label="iterations",
                                                elem_id="iterations")
                         mode = gr.Radio(["fast", "faithful"], value="fast", label="mode")
+                        derivative = gr.Radio(
+                            [AUTO, *DERIVATIVES], value=AUTO, label="derivative of the rates",
+                            info="auto: a central difference in fast mode, the exact JVP in "
+                                 "faithful mode (the paper)", elem_id="derivative")
                     with gr.Row():
                         edit_btn = gr.Button("run the edit on the painted region",
                                              elem_id="edit-run", variant="primary")
@@ -453,7 +461,8 @@ def build_app(session: Session):
         to_region.click(saliency_as_region, [picture, sal_state, top], [region],
                         api_name="saliency_region")
         to_map.click(saliency_as_map, [picture, sal_state], [maps[0]], api_name="saliency_map")
-        editing = edit_btn.click(edit, [picture, region, what, iterations, mode, pixels, fit],
+        editing = edit_btn.click(edit, [picture, region, what, iterations, mode, derivative,
+                                        pixels, fit],
                                  [loss_plot, edit_strip, edit_result, edit_curves, edit_text,
                                   command, archive], api_name="edit", **heavy)
         cancel_btn.click(session.cancel, None, None, cancels=[editing], api_name="cancel")
