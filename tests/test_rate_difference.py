@@ -112,6 +112,12 @@ def test_fast_mode_with_either_derivative_follows_the_same_losses(pixel_bb):
     assert runs[None].settings["derivative"] == "difference"
     assert runs["exact"].settings["derivative"] == "exact"
     assert runs[None].losses == pytest.approx(runs["exact"].losses, rel=1e-2)
+    # every curve of a run takes the run's derivative: the one-time curves too
+    before = {d: r.region_curve_before for d, r in runs.items()}
+    assert not torch.equal(before[None], before["exact"])
+    assert torch.allclose(before[None], before["exact"], rtol=1e-3, atol=1e-6)
+    assert torch.allclose(runs[None].region_curve_after, runs["exact"].region_curve_after,
+                          rtol=1e-2, atol=1e-5)
 
 
 def test_bad_derivatives_are_refused_before_any_work(pixel_bb):

@@ -119,7 +119,9 @@ class CurveMatchingConfig:
     ``exact``-ly (forward-mode AD, as the paper) or by a central ``difference`` of h along e_p
     with step :data:`DIFFERENCE_STEP` — an O(s²) approximation that needs no forward-mode AD,
     so the model keeps its fast attention kernels and the gradient is one plain backward pass.
-    The original path's curves (and the reported curves before/after) are always exact."""
+    Every curve of a run takes the same derivative (the original path's, which set the sampling
+    curve and the reference, the refreshed ones and the reported curves before/after), so the
+    loss compares rates of one estimator and the one-time curves cost plain forwards too."""
 
     t: int | None = None
     num_steps: int = 50
@@ -474,9 +476,10 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
     with clock.phase("setup"):
         orig_path = full_path(backbone, x_orig, cfg.t, grid, cond)
         timesteps = sorted(orig_path)
-        region_before = curve_of(backbone, orig_path, a_pixel, cond)
-        c_ref = (curve_of(backbone, orig_path, reference_pixel, cond)
-                 if reference_pixel is not None else None)
+        with precise():
+            region_before = curve_of(backbone, orig_path, a_pixel, cond, derivative)
+            c_ref = (curve_of(backbone, orig_path, reference_pixel, cond, derivative)
+                     if reference_pixel is not None else None)
     c_a = region_before
     feats_orig: dict[int, list[torch.Tensor]] = {}
 
@@ -622,7 +625,8 @@ def curve_matching(backbone: Backbone, image: torch.Tensor, region: Any,
                 lowest = timesteps[0]
                 x_clean = generate(backbone, final_path[lowest], lowest, grid, cond).last
             out = backbone.to_image(x_clean).clamp(-1, 1)
-        region_after = curve_of(backbone, final_path, a_pixel, cond)
+        with precise():
+            region_after = curve_of(backbone, final_path, a_pixel, cond, derivative)
     settings = dict(cfg.__dict__, iterations=cfg.budget, final_blend=final_blend,
                     derivative=derivative,
                     pixels_per_iteration=cfg.batch,
