@@ -12,7 +12,8 @@ per pair are reported, with the final loss (mean of the last 10 iterations), and
 model of each variant: one iteration split into its phases (``CurveMatchingResult.cost``: path
 walk, drift re-walks, refresh curves, the rates' JVP with the loss, the backward pass through it,
 Adam and blends) in seconds and in forward-pass equivalents (the phase's time over one batch-1
-no-grad ε forward of the same model, timed in the same run: machine-independent to first order),
+no-grad ε forward of the same model, timed just before each variant: machine-independent to first
+order),
 and the network calls its walks made per iteration. Speed-ups against faithful/1 are given end
 to end (wall seconds over iterations, the one-time setup and final decode included) and for
 the loop alone (the sum of the per-iteration phases: what each further iteration costs).
@@ -58,6 +59,7 @@ def cost_model(res, iterations: int, forward: float) -> dict:
     per_it = {k: phases[k]["seconds"] / iterations for k in LOOP_PHASES if k in phases}
     return {"per_iteration_seconds": per_it,
             "loop_seconds_per_iteration": sum(per_it.values()),
+            "forward_seconds": forward,
             "per_iteration_forwards": {k: v / forward for k, v in per_it.items()},
             "setup_forwards": phases["setup"]["seconds"] / forward,
             "decode_forwards": phases["decode"]["seconds"] / forward,
@@ -116,13 +118,15 @@ def main() -> None:
     forwards = []
     for i, (name, run) in enumerate(jobs):
         out = {}
-        forward = forward_seconds(bb, args.device, reps=5)
-        forwards.append(forward)
         for mode, pairs, derivative in VARIANTS:
             cfg = CurveMatchingConfig(iterations=args.iterations, mode=mode,
                                       refresh_every=args.refresh_every, seed=i,
                                       pixels_per_iteration=pairs, walk_dtype=args.walk_dtype,
                                       derivative=derivative)
+            # each variant's unit is timed just before it, so a load that changes during the
+            # run (another job on the machine) scales its unit and its phases alike
+            forward = forward_seconds(bb, args.device, reps=5)
+            forwards.append(forward)
             _sync(args.device)
             t0 = time.perf_counter()
             res = run(cfg)
@@ -142,7 +146,8 @@ def main() -> None:
             for k, v in out.items()), flush=True)
         for k, v in out.items():
             c = v["cost"]
-            print(f"  {k} per iteration, in forward passes ({forward * 1e3:.1f} ms each): "
+            print(f"  {k} per iteration, in forward passes ({c['forward_seconds'] * 1e3:.1f} "
+                  f"ms each): "
                   + ", ".join(f"{p} {f:.2f}" for p, f in c["per_iteration_forwards"].items())
                   + f"; walk steps {c['walk_steps_per_iteration']:.1f} + re-walk "
                   f"{c['rewalk_steps_per_iteration']:.1f} (whole path {c['path_steps']})",

@@ -85,7 +85,8 @@ def edit(method: str, bb, scheduler, steps: int, strength: float) -> Callable[[]
         pipe = img2img_pipeline(bb, scheduler)
 
         def work():
-            pipe(prompt="", image=image, strength=strength, num_inference_steps=steps,
+            # diffusers takes tensors in [0, 1] (and normalises them to [-1, 1] itself)
+            pipe(prompt="", image=(image + 1) / 2, strength=strength, num_inference_steps=steps,
                  guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
                  output_type="pt")
         return work

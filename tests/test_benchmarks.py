@@ -374,7 +374,8 @@ def test_curve_matching_speed(tmp_path):
     path = row["fast/1"]["cost"]["path_steps"]
     assert row["fast/1"]["cost"]["walk_steps_per_iteration"] == path / 2
     assert row["faithful/1"]["cost"]["walk_steps_per_iteration"] > path / 2
-    assert rep["forward_seconds"][0] > 0
+    assert len(rep["forward_seconds"]) == len(row) and min(rep["forward_seconds"]) > 0
+    assert [v["cost"]["forward_seconds"] for v in row.values()] == rep["forward_seconds"]
     for k, v in row.items():
         assert v["cost"]["loop_seconds_per_iteration"] == pytest.approx(
             sum(v["cost"]["per_iteration_seconds"].values()))
