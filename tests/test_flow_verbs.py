@@ -25,6 +25,7 @@ from diffgeo.backbones.flux import FluxBackbone
 from diffgeo.backbones.sd3 import SD3Backbone
 from diffgeo.cli import app
 from diffgeo.editing.pixels import PixelsConfig, pixels_edit
+from diffgeo.errors import InputError
 from diffgeo.sampling import Grid, sample
 
 FAMILIES = ("sd3", "flux")
@@ -134,6 +135,18 @@ def test_directions_then_apply(files, on, family, tmp_path):
     assert torch.equal(a.edit.states[1:2], sample(bb, a.edit.xt, g).last)
     assert a.settings["locality"][1]["mse_inside"] <= 1e-10   # (VAE decode batch round-off)
     assert a.settings["locality"][2]["mse_inside"] > 1e-6
+    # another block's h has the same shape but another meaning: refused before any work
+    assert d.directions.settings["backbone"]["h_block"] == bb.h_block
+    block = bb.h_block
+    try:
+        bb.h_block = block + 1
+        with pytest.raises(InputError, match=f"found with h at block {block}, but this "
+                                             f"backbone's h is block {block + 1}.*--h-block"):
+            _run("apply", tmp_path / "b", image=files["a"], **on(family),
+                 directions=tmp_path / "d", index=0, strength=(10.0,))
+    finally:
+        bb.h_block = block
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -232,7 +245,6 @@ def test_flow_options_are_checked_before_the_weights_are_read(files, monkeypatch
 
     monkeypatch.setattr(diffusers.FluxTransformer2DModel, "from_pretrained", refuse)
     monkeypatch.setattr(diffusers.UNet2DModel, "from_pretrained", refuse)
-    from diffgeo.errors import InputError
 
     with pytest.raises(InputError, match="h_block must be an integer in 0..2"):
         load_backbone(files["flux"], h_block=3)

@@ -159,6 +159,13 @@ def apply_direction(backbone: Backbone, x0: torch.Tensor, directions: Directions
     if directions.h_shape != h_shape:
         raise InputError(f"{where} have h shape {directions.h_shape} but this backbone's h is "
                          f"{h_shape}: they were found with another model or resolution")
+    found = directions.settings.get("backbone")
+    found_block = found.get("h_block") if isinstance(found, dict) else None
+    block = getattr(backbone, "h_block", None)
+    if found_block is not None and block is not None and found_block != block:
+        raise InputError(f"{where} were found with h at block {found_block}, but this backbone's "
+                         f"h is block {block}: load the model with h_block={found_block} (CLI: "
+                         f"--h-block {found_block})")
     if not 0 <= directions.timestep < backbone.num_train_timesteps:
         raise InputError(f"{where} were found at t={directions.timestep}, outside this model's "
                          f"0..{backbone.num_train_timesteps - 1}: they come from another model")

@@ -63,7 +63,9 @@ def _discover(backbone: Backbone, xt: torch.Tensor, t: int, mask_state: torch.Te
         **replace(config, t=time_value(t)).to_dict(), timestep=time_value(t),
         num_steps=num_steps,
         seed=gen.initial_seed(), dtype=str(enc.h.dtype).replace("torch.", ""),
-        backbone=dict(kind=backbone.kind, name=backbone.name), h_shape=list(h_shape),
+        # a flow model's h block: another block's h has the same shape but another meaning
+        backbone=dict(kind=backbone.kind, name=backbone.name,
+                      h_block=getattr(backbone, "h_block", None)), h_shape=list(h_shape),
         masked_run=_run_summary(run_m), derivative="decoder only (cached encoder skips)",
     )
     settings.update(extra_settings)
