@@ -264,3 +264,20 @@ def test_pipeline_objects_take_the_flow_options(models):
         load_backbone(pipe, h_block=3)
     with pytest.raises(InputError, match="has no guidance_embeds"):
         load_backbone(models["sd3"].pipe, guidance=2.0)
+
+
+def test_the_web_apps_session_loads_and_reproduces_the_h_block(files, tmp_path):
+    """`diffgeo ui --h-block N`: the app's model is loaded at block N and every action's
+    command (and settings) says so, so it reproduces on the CLI."""
+    from diffgeo.ui.session import Session
+
+    session = Session(str(files["flux"]), h_block=1, steps=3)
+    try:
+        assert session.backbone.h_block == 1
+        run = session.run("invert", image=str(files["a"]), t=1000)
+        assert "--h-block 1" in run.command
+        assert run.result.settings["options"]["h_block"] == 1
+    finally:
+        session.close()
+    with pytest.raises(InputError, match="h_block must be an integer in 0..2"):
+        Session(str(files["flux"]), h_block=3)

@@ -91,12 +91,17 @@ class Session:
     happen one at a time (a lock), and :meth:`cancel` stops the one going on."""
 
     def __init__(self, model: str = "default", device: str = "cpu", backbone: Any = None,
-                 steps: int = 20) -> None:
+                 steps: int = 20, *, dtype: str | None = None, h_block: int | None = None,
+                 guidance: float | None = None) -> None:
         from diffgeo.backbones import load_backbone
 
         self.model = model
         self.device = device
-        self.backbone = backbone if backbone is not None else load_backbone(model, device=device)
+        # how the model was loaded: every run (and the command it shows) says the same
+        self.load_options = {k: v for k, v in (("dtype", dtype), ("h_block", h_block),
+                                                ("guidance", guidance)) if v is not None}
+        self.backbone = backbone if backbone is not None else load_backbone(
+            model, device=device, **self.load_options)
         self.steps = steps
         self.root = Path(tempfile.mkdtemp(prefix="diffgeo-ui-"))
         self._count = itertools.count(1)
@@ -193,7 +198,7 @@ class Session:
         from diffgeo.cli import command_line
 
         verb = verbs.get(verb_name)
-        values = {"model": self.model, "device": self.device, **options}
+        values = {"model": self.model, "device": self.device, **self.load_options, **options}
         if "steps" in verb.options.names() and "steps" not in options:
             values["steps"] = self.steps
         folder = self._name(verb_name)

@@ -13,6 +13,7 @@ from diffgeo.verbs.options import (
     FORCE_HELP,
     MODEL_HELP,
     SEED_HELP,
+    ModelOptions,
     Options,
     at_least,
     in_range,
@@ -162,9 +163,9 @@ def demo(opts: DemoOptions, backbone: Backbone | None = None,
 
 
 @dataclass(frozen=True, kw_only=True)
-class UIOptions(Options):
-    model: str = option("default", MODEL_HELP)
-    device: str = option("cpu", DEVICE_HELP)
+class UIOptions(ModelOptions):
+    DIFFERENTIATES = True  # curves, curve matching and RBE run on the app's one model
+
     host: str = option("127.0.0.1", "Address to listen on (anything but a loopback address "
                        "makes the app reachable from other machines: a warning says so).")
     port: int | None = option(None, "Port (default: Gradio's, 7860 or the next free one).",
@@ -180,6 +181,6 @@ def ui(opts: UIOptions, backbone: Backbone | None = None, progress: bool = False
     from diffgeo.ui.app import launch
     from diffgeo.ui.session import Session
 
-    session = Session(opts.model, opts.device, backbone=backbone, steps=opts.steps)
+    session = Session(opts.model, backbone=backbone, steps=opts.steps, **opts.load_kwargs())
     launch(host=opts.host, port=opts.port, session=session)
     return Result({"verb": "ui", "options": opts.to_dict()})
