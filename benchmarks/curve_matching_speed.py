@@ -13,10 +13,9 @@ model of each variant: one iteration split into its phases (``CurveMatchingResul
 walk, drift re-walks, refresh curves, the rates' JVP with the loss, the backward pass through it,
 Adam and blends) in seconds and in forward-pass equivalents (the phase's time over one batch-1
 no-grad ε forward of the same model, timed just before each variant: machine-independent to first
-order),
-and the network calls its walks made per iteration. Speed-ups against faithful/1 are given end
-to end (wall seconds over iterations, the one-time setup and final decode included) and for
-the loop alone (the sum of the per-iteration phases: what each further iteration costs).
+order), and the network calls its walks made per iteration. Speed-ups against faithful/1 are
+given end to end (wall seconds over iterations, the one-time setup and final decode included)
+and for the loop alone (the sum of the per-iteration phases: what each further iteration costs).
 
 Default model: object removal with a background reference pixel on the bundled held-out scenes
 (t = 700, 50-step grid). ``--sd small|sd15|sd21``: a randomly initialised SD-shaped U-Net
@@ -165,7 +164,7 @@ def main() -> None:
             "speedup_per_pair": float(np.mean(
                 [r["faithful/1"]["per_pair"] / r[k]["per_pair"] for r in rows])),
             # The loop alone: what each further iteration costs once the one-time setup
-            # (inversion, the original path and its exact curves) and the final decode are
+            # (inversion, the original path and its curves) and the final decode are
             # paid; a short run's end-to-end ratio is diluted by them.
             "loop_speedup_per_iteration": float(np.mean(
                 [loop(r["faithful/1"]) / loop(r[k]) for r in rows])),

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from diffgeo.editing.curve_matching import DERIVATIVES
+from diffgeo.editing.curve_matching import DERIVATIVES, MODES
 from diffgeo.errors import DiffgeoError, InputError
 from diffgeo.ui.session import NO_IMAGE, Iteration, Picture, Run, Session
 
@@ -371,7 +371,7 @@ def build_app(session: Session):
                     with gr.Row():
                         iterations = gr.Slider(1, 300, value=20, step=1, label="iterations",
                                                elem_id="iterations")
-                        mode = gr.Radio(["fast", "faithful"], value="fast", label="mode")
+                        mode = gr.Radio(list(MODES), value="fast", label="mode")
                         derivative = gr.Radio(
                             [AUTO, *DERIVATIVES], value=AUTO, label="derivative of the rates",
                             info="auto: a central difference in fast mode, the exact JVP in "
